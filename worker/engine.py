@@ -1,0 +1,100 @@
+"""Per-process serving state: the model, a fetch event loop, a decode pool and the batcher.
+
+Built lazily in the process that serves tasks (never in a parent that forks), once, and shared by the
+pool's threads. Stages overlap: while one task's batch is in the model, others are fetching and decoding.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from imgq.errors import ErrorCode, ItemError, SettingsError
+from imgq.settings import Settings
+from model import Classifier, resolve_device
+from model.registry import load_champion
+from worker.batcher import Batcher, Prediction
+from worker.decode import decode_image
+from worker.fetch import Fetcher
+
+log = logging.getLogger(__name__)
+
+
+class Engine:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.device = resolve_device(settings.device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise SettingsError("IMGQ_DEVICE=cuda but torch sees no CUDA device; use auto or cpu")
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
+        self.model: Classifier = load_champion(settings.model_dir, self.device)
+        log.info("imgq engine: model %s on %s", self.model.version, self.device)
+        self._loop = asyncio.new_event_loop()
+        self._loop_thread = threading.Thread(target=self._loop.run_forever, name="imgq-fetch", daemon=True)
+        self._loop_thread.start()
+        self._fetcher = Fetcher(settings)
+        asyncio.run_coroutine_threadsafe(self._fetcher.__aenter__(), self._loop).result()
+        # Pillow releases the GIL while decoding, so threads decode in parallel.
+        self._decode_pool = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2),
+                                               thread_name_prefix="imgq-decode")
+        self._batcher = Batcher(max_batch=settings.infer_batch, max_wait_s=settings.infer_wait_ms / 1000)
+
+    def fetch(self, urls: Sequence[str]) -> list[bytes | ItemError]:
+        future = asyncio.run_coroutine_threadsafe(self._fetcher.fetch_many(urls), self._loop)
+        return future.result()
+
+    def prepare(self, bodies: Sequence[bytes | ItemError], model: Classifier) -> list[torch.Tensor | ItemError]:
+        """Decode and preprocess off the event loop, in the decode pool."""
+        return list(self._decode_pool.map(lambda body: self._prepare_one(body, model), bodies))
+
+    def _prepare_one(self, body: bytes | ItemError, model: Classifier) -> torch.Tensor | ItemError:
+        if isinstance(body, ItemError):
+            return body
+        try:
+            image = decode_image(body, max_pixels=self.settings.max_pixels, formats=self.settings.image_formats,
+                                 draft_size=model.preprocess.size)
+            return model.preprocess(image)
+        except ItemError as err:
+            return err
+        except Exception as exc:  # a bug, not bad input: still one result for the item
+            log.exception("preprocess failed")
+            return ItemError(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+
+    def predict(self, model: Classifier, tensors: Sequence[torch.Tensor]) -> list[Prediction]:
+        return self._batcher.predict(model, tensors, self.settings.topk)
+
+    def close(self) -> None:
+        self._batcher.close()
+        self._decode_pool.shutdown(wait=False, cancel_futures=True)
+        asyncio.run_coroutine_threadsafe(self._fetcher.__aexit__(None, None, None), self._loop).result(timeout=10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._loop_thread.join(timeout=10)
+
+
+_engine: Engine | None = None
+_engine_lock = threading.Lock()
+
+
+def get_engine(settings: Settings | None = None) -> Engine:
+    global _engine
+    with _engine_lock:
+        if _engine is None:
+            from worker.app import app_settings
+
+            _engine = Engine(settings or app_settings())
+        return _engine
+
+
+def close_engine() -> None:
+    global _engine
+    with _engine_lock:
+        if _engine is not None:
+            _engine.close()
+            _engine = None

@@ -29,8 +29,8 @@ DEMO_VAL_PER_CLASS = 100
 class LabeledImages:
     classes: tuple[str, ...]
     items: tuple[tuple[ImageRef, int], ...]
-    # (file, why) for every file that would not decode.
-    skipped: tuple[tuple[Path, str], ...] = ()
+    # (file or URL, why) for every item that would not fetch or decode.
+    skipped: tuple[tuple[Path | str, str], ...] = ()
     # A fixed validation set that split() returns instead of carving one out (the demo's own val split).
     holdout: LabeledImages | None = None
 

@@ -13,7 +13,7 @@ import hashlib
 import os
 import secrets
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -52,8 +52,13 @@ def publish(
     mean: Triple,
     std: Triple,
     metrics: dict[str, Any],
+    extra_files: Callable[[str], Mapping[str, bytes]] | None = None,
 ) -> str:
-    """Store ``model`` as a new version and return its id. Does not change the champion."""
+    """Store ``model`` as a new version and return its id. Does not change the champion.
+
+    ``extra_files(version)`` gives more files (the training report) to store in the version directory,
+    written before it is renamed into place so the version is complete the moment it appears.
+    """
     weights = serialize_weights(model)
     now = datetime.now(UTC)
     version = new_version_id(hashlib.sha256(weights).hexdigest(), now)
@@ -63,6 +68,8 @@ def publish(
     tmp = final.with_name(f".tmp-{version}-{secrets.token_hex(4)}")
     try:
         write_checkpoint(weights, meta, tmp)
+        for name, data in (extra_files(version) if extra_files else {}).items():
+            (tmp / name).write_bytes(data)
         try:
             os.rename(tmp, final)
         except OSError:

@@ -1,0 +1,111 @@
+"""Model lifecycle from the command line: retrain (remote or local), follow progress, list, promote, roll back."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, TextIO
+
+from celery import Celery
+
+from imgq.champion import Champion, connect_optional
+from imgq.settings import Settings
+from model.registry import list_versions
+from model.train import EpochStats
+from worker.app import RETRAIN_TASK
+from worker.retrain import EventLog, RetrainRequest, train_and_gate
+
+
+def trigger_retrain(app: Celery, settings: Settings, request: RetrainRequest) -> str:
+    """Send a retrain to the train queue; returns the run id (its Celery task id)."""
+    run_id = uuid.uuid4().hex
+    app.send_task(RETRAIN_TASK, kwargs=dataclasses.asdict(request), queue=settings.train_queue, task_id=run_id)
+    return run_id
+
+
+def describe_epoch(e: EpochStats | dict[str, Any]) -> str:
+    d = dataclasses.asdict(e) if isinstance(e, EpochStats) else e
+    return (f"epoch {d['epoch']}: train loss {d['train_loss']:.4f} acc {d['train_accuracy']:.3f} | "
+            f"val loss {d['val_loss']:.4f} acc {d['val_accuracy']:.3f} | {d['seconds']:.1f} s")
+
+
+def describe_outcome(outcome: dict[str, Any]) -> str:
+    if outcome["event"] != "done":
+        return f"retrain {outcome['event']}: {outcome['reason']}"
+    lines = [f"model {outcome['version']}: val accuracy {outcome['val_accuracy']:.4f}; "
+             f"{'promoted to champion' if outcome['promoted'] else 'NOT promoted (candidate)'}: {outcome['reason']}",
+             f"report: {outcome['report_dir']} (metrics.json, curves.png, confusion.png)"]
+    if outcome.get("skipped_items"):
+        lines.append(f"{len(outcome['skipped_items'])} training items could not be used:")
+        lines += [f"  {item}" for item in outcome["skipped_items"]]
+    return "\n".join(lines)
+
+
+def follow_retrain(settings: Settings, run_id: str, out: TextIO = sys.stdout,
+                   timeout_s: float | None = None) -> dict[str, Any]:
+    client = connect_optional(settings.redis_url)
+    if client is None:
+        raise ConnectionError(f"cannot reach Redis at {settings.redis_url}")
+    try:
+        for event in EventLog(client, run_id).follow(timeout_s=timeout_s):
+            if event["event"] == "epoch":
+                print(describe_epoch(event), file=out, flush=True)
+            elif event["event"] in ("done", "skipped", "failed"):
+                print(describe_outcome(event), file=out, flush=True)
+                return event
+    finally:
+        client.close()
+    raise AssertionError("unreachable: follow() ends with a final event")
+
+
+@contextmanager
+def _champion(settings: Settings) -> Iterator[Champion]:
+    """The champion pointer, in Redis too when a Redis answers (local commands work without one)."""
+    client = connect_optional(settings.redis_url)
+    try:
+        yield Champion(settings.model_dir, client)
+    finally:
+        if client is not None:
+            client.close()
+
+
+def train_locally(settings: Settings, request: RetrainRequest, out: TextIO = sys.stdout) -> dict[str, Any]:
+    """`imgq train`: the same train-and-gate as a retrain, in this process, no queue needed."""
+    with _champion(settings) as champion:
+        outcome = train_and_gate(settings, champion, request,
+                                 on_epoch=lambda e: print(describe_epoch(e), file=out, flush=True))
+    print(describe_outcome(outcome), file=out)
+    return outcome
+
+
+def list_models(settings: Settings) -> list[dict[str, Any]]:
+    with _champion(settings) as pointer:
+        champion = pointer.get()
+    return [{"version": m.version, "arch": m.config.arch, "classes": list(m.classes),
+             "val_accuracy": m.metrics.get("val_accuracy"), "created_at": m.created_at,
+             "champion": m.version == champion} for m in list_versions(settings.model_dir)]
+
+
+def print_models(models: list[dict[str, Any]], as_json: bool, out: TextIO = sys.stdout) -> None:
+    if as_json:
+        print(json.dumps(models, indent=2), file=out)
+        return
+    print(f"{'':2}{'version':<28} {'arch':<20} {'val acc':>8}  created", file=out)
+    for m in models:
+        acc = "" if m["val_accuracy"] is None else f"{m['val_accuracy']:.4f}"
+        print(f"{'*' if m['champion'] else ' ':2}{m['version']:<28} {m['arch']:<20} {acc:>8}  {m['created_at']}",
+              file=out)
+
+
+def promote(settings: Settings, version: str) -> None:
+    with _champion(settings) as champion:
+        champion.set(version)
+
+
+def rollback(settings: Settings) -> str:
+    with _champion(settings) as champion:
+        return champion.rollback()

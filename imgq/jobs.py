@@ -5,6 +5,8 @@
     imgq:job:<id>:results          HASH   index -> result record (JSON); first write wins
     imgq:job:<id>:deliveries       HASH   batch id -> times a worker started it
     imgq:job:<id>:dead             LIST   batches given up after too many deliveries (JSON)
+    imgq:written:<window>          STRING results written per 10 s window (imgq.throughput)
+    imgq:champion                  STRING the champion model version (imgq.champion)
 
 Results are written with HSETNX inside one Lua script per batch, so a redelivered batch can neither
 double-count nor overwrite a result, and the write is one round trip. Every key carries the job TTL.
@@ -41,6 +43,18 @@ end
 if failed > 0 then redis.call('HINCRBY', KEYS[2], 'failed', failed) end
 redis.call('EXPIRE', KEYS[1], ARGV[1])
 return written
+"""
+
+# KEYS: job hash, queue list. ARGV: new items, bytes the message needs. Counts a batch only if Redis has room
+# for its message: the send that would follow is then not refused for memory, so the count stays true.
+_RESERVE_BATCH = """
+local info = redis.call('INFO', 'memory')
+local used = tonumber(string.match(info, 'used_memory:(%d+)'))
+local max = tonumber(string.match(info, 'maxmemory:(%d+)'))
+if max > 0 and used + tonumber(ARGV[2]) > max then return {-1, used, max} end
+redis.call('HINCRBY', KEYS[1], 'total', ARGV[1])
+local batches = redis.call('HINCRBY', KEYS[1], 'batches', 1)
+return {batches - 1, redis.call('LLEN', KEYS[2]), max}
 """
 
 
@@ -88,11 +102,16 @@ class JobNotFoundError(ImgqError):
     pass
 
 
+class RedisFullError(ImgqError):
+    """Redis (maxmemory, noeviction) has no room for the next message."""
+
+
 class JobStore:
     def __init__(self, client: redis.Redis, *, ttl_s: int) -> None:
         self.r = client
         self.ttl_s = ttl_s
         self._write = client.register_script(_WRITE_RESULTS)
+        self._reserve = client.register_script(_RESERVE_BATCH)
 
     @classmethod
     def from_url(cls, url: str, *, ttl_s: int) -> JobStore:
@@ -123,11 +142,28 @@ class JobStore:
         return job_id
 
     def add_batches(self, job_id: str, *, items: int, batches: int) -> None:
-        """Count what was enqueued; called after the messages are sent, so total never over-promises."""
+        """Count batches enqueued by hand (tests); `imgq submit` counts each batch with :meth:`reserve_batch`."""
         with self.r.pipeline() as p:
             p.hincrby(self._job(job_id), "total", items)
             p.hincrby(self._job(job_id), "batches", batches)
             p.execute()
+
+    def reserve_batch(self, job_id: str, *, new_items: int, queue: str, message_bytes: int) -> tuple[int, int]:
+        """Count one batch *before* its message is sent; returns (batch id, queue depth before the send).
+
+        Counting first means ``total`` never under-counts (a result at an index >= total would end a job
+        early), and checking for room first means a full Redis stops a submission with
+        :class:`RedisFullError` before the count, not after it. ``new_items`` is 0 when reconcile re-enqueues
+        items already counted. The queue is the list kombu's Redis transport keeps under the queue's name.
+        """
+        batch, second, third = self._reserve(keys=[self._job(job_id), queue], args=[new_items, message_bytes])
+        if batch < 0:
+            raise RedisFullError(f"Redis is out of memory: {second} bytes used of maxmemory {third}, and the next "
+                                 f"batch needs about {message_bytes}")
+        return int(batch), int(second)
+
+    def queue_depth(self, queue: str) -> int:
+        return int(self.r.llen(queue))
 
     def finish_submission(self, job_id: str) -> None:
         self.r.hset(self._job(job_id), "submitted", 1)
@@ -187,6 +223,11 @@ class JobStore:
             fields = [str(i) for i in range(start, min(start + chunk, total))]
             for raw in self.r.hmget(key, fields):
                 yield None if raw is None else json.loads(raw)
+
+    def results_at(self, job_id: str, indices: Sequence[int]) -> list[dict[str, Any] | None]:
+        """The result records at these indices (one round trip); None where there is none."""
+        raws = self.r.hmget(f"{self._job(job_id)}:results", [str(i) for i in indices])
+        return [None if raw is None else json.loads(raw) for raw in raws]
 
     def unfinished(self, job_id: str, items: Sequence[tuple[int, str]]) -> list[tuple[int, str]]:
         """The items that have no result yet (one round trip)."""

@@ -1,59 +1,119 @@
-"""Submitting a job: record it in Redis and enqueue its URLs in batches, streaming the input."""
+"""Submitting a job: record it in Redis and enqueue its URLs in batches, streaming the input.
+
+Each batch is counted in the job record just before its message is sent, and only if Redis has room for
+the message (``JobStore.reserve_batch``). So when Redis is full (maxmemory with ``noeviction``) or refuses
+a write for another reason, the submission stops with an :class:`EnqueueError` that says exactly which
+part was accepted, and the job's ``total`` matches what is queued. ``imgq reconcile`` enqueues the rest.
+"""
 
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
+import redis
 from celery import Celery
+from kombu.exceptions import KombuError
 
-from imgq.jobs import JobStore
+from imgq.errors import ImgqError
+from imgq.jobs import JobStore, RedisFullError
 from imgq.settings import Settings
 from worker.app import CLASSIFY_TASK
 
 log = logging.getLogger(__name__)
 
-# Counters and the queue depth are checked once per this many batches, not per message.
-_FLUSH_EVERY = 64
+# Progress is reported once per this many batches, not per message.
+_PROGRESS_EVERY = 64
+# What Redis refusing a write looks like: redis-py's errors from the job store, kombu's from the broker.
+_REFUSED = (RedisFullError, redis.RedisError, KombuError)
+
+Batch = Sequence[tuple[int, str]]
+
+
+class EnqueueError(ImgqError):
+    """Redis refused a write part-way: the message says which part of the job was accepted."""
+
+    def __init__(self, job_id: str, *, items: int, batches: int, refused: int, cause: BaseException) -> None:
+        self.job_id = job_id
+        self.items = items
+        self.batches = batches
+        counted = (f" The job also counts the {refused} URLs of the batch that was refused; reconcile enqueues "
+                   "them too." if refused else "")
+        why = cause if isinstance(cause, RedisFullError) else f"Redis refused a write ({type(cause).__name__}: {cause})"
+        super().__init__(
+            f"submission stopped: {why}. Job {job_id}: {items} URLs in {batches} batches were accepted and will "
+            f"be classified; the rest was not enqueued.{counted} Once Redis accepts writes again (free memory or "
+            f"raise maxmemory if it is full), enqueue the rest with: imgq reconcile {job_id} URLS")
 
 
 def submit_urls(urls: Iterable[str], *, settings: Settings, store: JobStore, app: Celery,
                 on_progress: Callable[[int], None] | None = None) -> str:
     """Enqueue every URL; returns the job id. Memory stays flat whatever the length of ``urls``."""
-    job_id = store.create_job()
-    batch_id = 0
-    pending_items = pending_batches = 0
-    enqueued = 0
+    try:
+        job_id = store.create_job()
+    except redis.RedisError as exc:
+        raise ImgqError(f"Redis refused to create the job ({type(exc).__name__}: {exc}); nothing was "
+                        "enqueued") from exc
     numbered = enumerate(urls)
-    with app.producer_or_acquire() as producer:
-        while chunk := list(itertools.islice(numbered, settings.batch_size)):
-            app.send_task(CLASSIFY_TASK, args=[job_id, batch_id, chunk], queue=settings.classify_queue,
-                          producer=producer)
-            batch_id += 1
-            pending_items += len(chunk)
-            pending_batches += 1
-            if pending_batches >= _FLUSH_EVERY:
-                store.add_batches(job_id, items=pending_items, batches=pending_batches)
-                enqueued += pending_items
-                pending_items = pending_batches = 0
-                if on_progress:
-                    on_progress(enqueued)
-                _wait_for_room(store, settings)
-    store.add_batches(job_id, items=pending_items, batches=pending_batches)
-    store.finish_submission(job_id)
-    if on_progress:
-        on_progress(enqueued + pending_items)
+    batches = iter(lambda: list(itertools.islice(numbered, settings.batch_size)), [])
+    items, sent = enqueue_batches(job_id, batches, counted=0, settings=settings, store=store, app=app,
+                                  on_progress=on_progress)
+    try:
+        store.finish_submission(job_id)
+    except redis.RedisError as exc:
+        raise EnqueueError(job_id, items=items, batches=sent, refused=0, cause=exc) from exc
     return job_id
 
 
-def _wait_for_room(store: JobStore, settings: Settings) -> None:
-    """Backpressure: don't fill Redis faster than workers drain it."""
+def enqueue_batches(job_id: str, batches: Iterable[Batch], *, counted: int, settings: Settings, store: JobStore,
+                    app: Celery, on_progress: Callable[[int], None] | None = None) -> tuple[int, int]:
+    """Send batches of (index, URL) pairs; indices >= ``counted`` are added to the job's total.
+
+    Returns (items, batches) sent. Raises :class:`EnqueueError` if Redis refuses a write.
+    """
+    queue = settings.classify_queue
+    items = sent = refused = 0
+    try:
+        depth = store.queue_depth(queue)
+        with app.producer_or_acquire() as producer:
+            for batch in batches:
+                if depth >= settings.max_queue_depth:
+                    depth = _wait_for_room(store, settings)
+                refused = 0
+                batch_id, depth = store.reserve_batch(job_id, new_items=sum(i >= counted for i, _ in batch),
+                                                      queue=queue, message_bytes=_message_bytes(batch))
+                refused = len(batch)  # counted, not yet sent
+                app.send_task(CLASSIFY_TASK, args=[job_id, batch_id, list(batch)], queue=queue, producer=producer)
+                refused = 0
+                depth += 1
+                items += len(batch)
+                sent += 1
+                if on_progress and sent % _PROGRESS_EVERY == 0:
+                    on_progress(items)
+    except _REFUSED as exc:
+        raise EnqueueError(job_id, items=items, batches=sent, refused=refused, cause=exc) from exc
+    if on_progress:
+        on_progress(items)
+    return items, sent
+
+
+def _message_bytes(batch: Batch) -> int:
+    # kombu base64-encodes the body (x4/3) in a ~2 KB envelope; Redis reads the command into a query buffer
+    # that may grow by doubling (x2) before it compares used memory with maxmemory.
+    return 2 * (len(json.dumps(batch)) * 4 // 3 + 2048)
+
+
+def _wait_for_room(store: JobStore, settings: Settings) -> int:
+    """Backpressure: pause while the queue holds IMGQ_MAX_QUEUE_DEPTH batches or more, so one producer never
+    makes it deeper than that. Returns the depth once there is room."""
     warned = False
-    while store.r.llen(settings.classify_queue) > settings.max_queue_depth:
+    while (depth := store.queue_depth(settings.classify_queue)) >= settings.max_queue_depth:
         if not warned:
-            log.warning("queue %s deeper than %d batches (IMGQ_MAX_QUEUE_DEPTH); waiting for workers",
-                        settings.classify_queue, settings.max_queue_depth)
+            log.warning("queue %s holds %d batches (IMGQ_MAX_QUEUE_DEPTH=%d); waiting for workers",
+                        settings.classify_queue, depth, settings.max_queue_depth)
             warned = True
         time.sleep(0.5)
+    return depth

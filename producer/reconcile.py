@@ -1,0 +1,80 @@
+"""`imgq reconcile JOB URLS`: find a job's items that have no result and enqueue them again.
+
+For when results were lost (Redis restarted without persistence for the last writes, a batch dropped
+while Redis was out of memory) or a submission stopped part-way (`imgq submit` refused by a full Redis).
+
+URLs are not stored per item in Redis (that would double a job's memory), so reconcile reads the URL
+file the job was submitted from: an item's index is its position in that file, counted as `imgq submit`
+counts (blank lines and `#` comments skipped). Every result record names its URL, so a different file is
+detected and refused. Enqueuing an item that is still queued is harmless: results are first-wins.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from celery import Celery
+
+from imgq.errors import ImgqError
+from imgq.jobs import JobStatus, JobStore
+from imgq.settings import Settings
+from producer.submit import enqueue_batches
+
+# Results are read (HMGET) this many at a time.
+_CHUNK = 5000
+
+
+@dataclass(frozen=True)
+class ReconcileReport:
+    job_id: str
+    urls: int  # URLs in the file
+    missing: int  # items that had no result
+    enqueued_batches: int
+    added: int  # items past the accepted part of an interrupted submission, now counted in the job
+
+    def describe(self) -> str:
+        if not self.missing:
+            return f"job {self.job_id}: all {self.urls} URLs have a result; nothing to enqueue"
+        extra = f" ({self.added} of them never submitted before)" if self.added else ""
+        return (f"job {self.job_id}: {self.missing} of {self.urls} URLs had no result{extra}; "
+                f"enqueued again in {self.enqueued_batches} batches")
+
+
+def find_missing(store: JobStore, status: JobStatus, urls: Iterable[str]) -> tuple[int, list[tuple[int, str]]]:
+    """(URLs in the file, the (index, URL) pairs that have no result). Refuses a file that is not the job's."""
+    numbered = enumerate(urls)
+    count = 0
+    missing: list[tuple[int, str]] = []
+    while chunk := list(itertools.islice(numbered, _CHUNK)):
+        count += len(chunk)
+        for (index, url), record in zip(chunk, store.results_at(status.job_id, [i for i, _ in chunk]), strict=True):
+            if record is None:
+                missing.append((index, url))
+            elif (recorded := record["url"]) != url:
+                raise ImgqError(f"the URL file does not match job {status.job_id}: line for index {index} is "
+                                f"{url!r} but the job's result is for {recorded!r}; pass the file you submitted")
+    if count < status.total or (status.submitted and count > status.total):
+        raise ImgqError(f"the URL file has {count} URLs but job {status.job_id} has {status.total}; pass the file "
+                        "you submitted")
+    return count, missing
+
+
+def reconcile_job(job_id: str, urls: Iterable[str], *, settings: Settings, store: JobStore, app: Celery,
+                  dry_run: bool = False) -> ReconcileReport:
+    status = store.status(job_id)  # JobNotFoundError if the record itself is gone: submit again
+    count, missing = find_missing(store, status, urls)
+    added = sum(i >= status.total for i, _ in missing)
+    batches = 0
+    if missing and not dry_run:
+        _, batches = enqueue_batches(job_id, _batches(missing, settings.batch_size), counted=status.total,
+                                     settings=settings, store=store, app=app)
+    if not status.submitted and not dry_run:
+        store.finish_submission(job_id)  # the rest of an interrupted submission is now enqueued
+    return ReconcileReport(job_id=job_id, urls=count, missing=len(missing), enqueued_batches=batches, added=added)
+
+
+def _batches(items: list[tuple[int, str]], size: int) -> Iterator[list[tuple[int, str]]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]

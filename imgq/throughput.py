@@ -1,0 +1,35 @@
+"""Results written per 10-second window, counted in Redis: the throughput `imgq status` shows.
+
+    imgq:written:<unix time // 10>   STRING   results written by any worker in that window; expires in 3 min
+
+Workers add what they wrote after each batch; `imgq status` sums the last minute. It counts across every
+worker and host that shares the Redis, which per-process Prometheus counters cannot do without a Prometheus.
+"""
+
+from __future__ import annotations
+
+import time
+
+import redis
+
+BUCKET_S = 10
+_KEY = "imgq:written:{}"
+# Long enough to sum a full minute, short enough that the keys never pile up.
+_TTL_S = 180
+
+
+def record_written(client: redis.Redis, n: int, *, now: float | None = None) -> None:
+    if n <= 0:
+        return
+    key = _KEY.format(int((time.time() if now is None else now) // BUCKET_S))
+    with client.pipeline(transaction=False) as p:
+        p.incrby(key, n)
+        p.expire(key, _TTL_S)
+        p.execute()
+
+
+def written_last(client: redis.Redis, window_s: int = 60, *, now: float | None = None) -> int:
+    """Results written in the last ``window_s`` seconds (to 10 s resolution, the current window included)."""
+    current = int((time.time() if now is None else now) // BUCKET_S)
+    keys = [_KEY.format(b) for b in range(current - window_s // BUCKET_S + 1, current + 1)]
+    return sum(int(raw) for raw in client.mget(keys) if raw is not None)

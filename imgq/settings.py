@@ -17,6 +17,7 @@ from typing import Any
 from imgq.errors import SettingsError
 
 DEVICES = ("auto", "cpu", "cuda")
+AMP_CHOICES = ("auto", "off", "bf16", "fp16")
 IMAGE_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
 # TIFF is opt-in: its tile/strip headers are a large, rarely needed attack surface.
 DEFAULT_IMAGE_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP")
@@ -34,8 +35,9 @@ class Settings:
     device: str = field(default="auto", metadata=_env("IMGQ_DEVICE"))
 
     # URLs per Celery message. Small enough that a redelivered batch is cheap, large enough that
-    # per-message overhead (~1 ms) is noise next to the fetches.
-    batch_size: int = field(default=32, metadata=_env("IMGQ_BATCH_SIZE"))
+    # per-message overhead is noise: each message costs the producer two Redis round trips (1M URLs in half
+    # the time of 32) and the worker ~3 ms of Celery and Redis CPU (1.5% of a CNN batch's CPU at 64, 3% at 32).
+    batch_size: int = field(default=64, metadata=_env("IMGQ_BATCH_SIZE"))
     # Largest forward pass; the demo CNN at 64x64 is memory-trivial, resnet18 at 224 on CPU is not.
     infer_batch: int = field(default=64, metadata=_env("IMGQ_INFER_BATCH"))
     # How long the batcher waits for more items before running a partial batch.
@@ -43,8 +45,28 @@ class Settings:
     topk: int = field(default=3, metadata=_env("IMGQ_TOPK"))
     # Celery tasks run concurrently per worker process (thread pool): they overlap fetches.
     concurrency: int = field(default=4, metadata=_env("IMGQ_CONCURRENCY"))
-    # Torch intra-op threads; 0 = torch's default (all cores).
+    # Torch intra-op threads. 0 = auto: on CPU half the cores this process may run on (at least 1), so torch
+    # and the decode pool don't fight over cores: torch's threads wait for each other at every op, and one
+    # preempted thread stalls them all (2 threads on 2 busy cores ran the CNN 2-40x slower than 1).
+    # On CUDA, auto is torch's default.
     torch_threads: int = field(default=0, metadata=_env("IMGQ_TORCH_THREADS"))
+    # Forward passes run at once per worker process, each with IMGQ_TORCH_THREADS threads. 0 = auto: on CPU
+    # enough to cover the cores (2 on 2 cores: a forward-bound resnet18 uses both without the barrier
+    # stalls of 2 torch threads); on CUDA 1.
+    infer_threads: int = field(default=0, metadata=_env("IMGQ_INFER_THREADS"))
+    # Decode/preprocess threads per worker process; 0 = auto: one per core this process may run on
+    # (Pillow releases the GIL while decoding).
+    decode_threads: int = field(default=0, metadata=_env("IMGQ_DECODE_THREADS"))
+    # CUDA only (CPU runs ignore these). Mixed precision: auto = bf16 where the GPU has it, else fp16; off.
+    amp: str = field(default="auto", metadata=_env("IMGQ_AMP"))
+    # torch.compile the model: faster forwards after a compile of seconds per batch shape; off by default.
+    compile: bool = field(default=False, metadata=_env("IMGQ_COMPILE"))
+    # Decode JPEGs on the GPU (nvJPEG via torchvision); other formats, and JPEGs it refuses, use Pillow.
+    # Off by default: GPU resizing differs from Pillow's by rounding, so labels can differ at the margin.
+    gpu_decode: bool = field(default=False, metadata=_env("IMGQ_GPU_DECODE"))
+    # Prometheus metrics endpoint of each worker process; 0 = off. `imgq worker --gpus/--processes` gives
+    # child i port + i. 9108: next to the exporters' usual 91xx range, unused by common ones.
+    metrics_port: int = field(default=9108, metadata=_env("IMGQ_METRICS_PORT"))
 
     # Fetching. A whole fetch (connect, redirects, body) must finish within fetch_timeout_s: a 1-byte
     # trickle would otherwise hold a slot forever (aiohttp's socket-read timeout is unbounded by default).
@@ -71,8 +93,20 @@ class Settings:
     max_deliveries: int = field(default=3, metadata=_env("IMGQ_MAX_DELIVERIES"))
     # Job keys expire: Redis memory stays bounded. 7 days is long enough to fetch results after a weekend.
     job_ttl_s: int = field(default=7 * 24 * 3600, metadata=_env("IMGQ_JOB_TTL"))
-    # imgq submit pauses while the classify queue holds more messages than this.
+    # imgq submit pauses while the classify queue holds this many batches or more.
     max_queue_depth: int = field(default=10_000, metadata=_env("IMGQ_MAX_QUEUE_DEPTH"))
+    # Model lifecycle. Workers look for a new champion at most this often, between batches.
+    reload_check_s: float = field(default=2.0, metadata=_env("IMGQ_RELOAD_CHECK"))
+    # A candidate is promoted if its accuracy + tolerance >= the champion's on the same held-out set.
+    promote_tolerance: float = field(default=0.0, metadata=_env("IMGQ_PROMOTE_TOLERANCE"))
+    # Scheduled retrain (imgq beat): a 5-field cron expression, or an interval in seconds; "" / 0 = off.
+    retrain_cron: str = field(default="", metadata=_env("IMGQ_RETRAIN_CRON"))
+    retrain_interval_s: float = field(default=0.0, metadata=_env("IMGQ_RETRAIN_INTERVAL"))
+    retrain_data: str = field(default="demo", metadata=_env("IMGQ_RETRAIN_DATA"))
+    retrain_arch: str = field(default="cnn", metadata=_env("IMGQ_RETRAIN_ARCH"))
+    retrain_epochs: int = field(default=8, metadata=_env("IMGQ_RETRAIN_EPOCHS"))
+    # Images fetched for manifest training data are cached here (default: MODEL_DIR/cache).
+    cache_dir: str = field(default="", metadata=_env("IMGQ_CACHE_DIR"))
     classify_queue: str = field(default="imgq.classify", metadata=_env("IMGQ_CLASSIFY_QUEUE"))
     train_queue: str = field(default="imgq.train", metadata=_env("IMGQ_TRAIN_QUEUE"))
 
@@ -110,7 +144,18 @@ def _csv(raw: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in raw.split(",") if part.strip())
 
 
+_BOOLS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+
+
+def _bool(raw: str) -> bool:
+    try:
+        return _BOOLS[raw.strip().lower()]
+    except KeyError:
+        raise ValueError(raw) from None
+
+
 _PARSERS: dict[str, Callable[[str], Any]] = {
+    "bool": _bool,
     "int": int,
     "float": float,
     "str": str,
@@ -124,7 +169,8 @@ def _parse(field_name: str, env_name: str, raw: str) -> Any:
     try:
         return _PARSERS[type_name](raw)
     except ValueError:
-        raise SettingsError(f"{env_name}={raw!r} is not a valid {type_name}") from None
+        hint = " (1/0, true/false, yes/no or on/off)" if type_name == "bool" else ""
+        raise SettingsError(f"{env_name}={raw!r} is not a valid {type_name}{hint}") from None
 
 
 def _validate(s: Settings) -> None:
@@ -133,17 +179,24 @@ def _validate(s: Settings) -> None:
 
     if s.device not in DEVICES:
         fail("device", f"must be one of {', '.join(DEVICES)}")
+    if s.amp not in AMP_CHOICES:
+        fail("amp", f"must be one of {', '.join(AMP_CHOICES)}")
     if not s.redis_url.startswith(("redis://", "rediss://", "unix://")):
         fail("redis_url", "must start with redis://, rediss:// or unix://")
-    positive = ("batch_size", "infer_batch", "topk", "concurrency", "fetch_timeout_s", "connect_timeout_s",
-                "max_bytes", "max_pixels", "fetch_concurrency", "per_host_concurrency",
+    positive = ("retrain_epochs", "batch_size", "infer_batch", "topk", "concurrency", "fetch_timeout_s",
+                "connect_timeout_s", "max_bytes", "max_pixels", "fetch_concurrency", "per_host_concurrency",
                 "visibility_timeout_s", "task_time_limit_s", "max_deliveries", "job_ttl_s", "max_queue_depth")
     for name in positive:
         if getattr(s, name) <= 0:
             fail(name, "must be > 0")
-    for name in ("infer_wait_ms", "max_redirects", "torch_threads"):
+    if s.retrain_cron and len(s.retrain_cron.split()) != 5:
+        fail("retrain_cron", "must be a 5-field cron expression such as '0 3 * * *' (minute hour day month weekday)")
+    for name in ("infer_wait_ms", "max_redirects", "torch_threads", "infer_threads", "decode_threads",
+                 "reload_check_s", "promote_tolerance", "retrain_interval_s"):
         if getattr(s, name) < 0:
             fail(name, "must be >= 0")
+    if not 0 <= s.metrics_port <= 65535:
+        fail("metrics_port", "must be a TCP port (1-65535), or 0 for no metrics endpoint")
     if s.task_time_limit_s >= s.visibility_timeout_s:
         fail("task_time_limit_s", f"must be below IMGQ_VISIBILITY_TIMEOUT ({s.visibility_timeout_s:g} s), "
              "or a running batch would be delivered again while it still runs")

@@ -50,14 +50,18 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from producer.submit import submit_urls
+    from producer.submit import EnqueueError, submit_urls
     from producer.urls import read_urls
     from worker.app import create_app
 
     settings = _settings(args)
     store = _store(settings)
     app = create_app(settings)
-    job_id = submit_urls(read_urls(args.urls), settings=settings, store=store, app=app)
+    try:
+        job_id = submit_urls(read_urls(args.urls), settings=settings, store=store, app=app)
+    except EnqueueError as exc:
+        print(exc.job_id)  # part of the job was accepted: still hand scripts its id (for `imgq reconcile`)
+        raise
     if args.wait:
         from producer.export import export_results
         from producer.run import open_output
@@ -75,12 +79,54 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    status = _store(_settings(args)).status(args.job)
+    if args.job is None:
+        return _overview(args)
+    store = _store(_settings(args))
+    status = store.status(args.job)
     if args.json:
         print(json.dumps(status.to_dict()))
     else:
         for key, value in status.to_dict().items():
             print(f"{key:>12}: {value}")
+        for dead in store.dead_batches(args.job) if status.dead_batches else []:
+            print(f"  dead batch {dead['batch']}: {len(dead['indices'])} items ended as worker_lost after "
+                  f"{dead['deliveries']} deliveries (indices {', '.join(map(str, dead['indices'][:8]))}"
+                  f"{', ...' if len(dead['indices']) > 8 else ''})")
+    return 0
+
+
+def cmd_reconcile(args: argparse.Namespace) -> int:
+    from producer.reconcile import reconcile_job
+    from producer.urls import read_urls
+    from worker.app import create_app
+
+    settings = _settings(args)
+    report = reconcile_job(args.job, read_urls(args.urls), settings=settings, store=_store(settings),
+                           app=create_app(settings), dry_run=args.dry_run)
+    print(report.describe())
+    return 0
+
+
+def _overview(args: argparse.Namespace) -> int:
+    from producer.overview import collect_overview, format_overview
+    from worker.app import create_app
+
+    settings = _settings(args)
+    app = create_app(settings)
+    try:
+        overview = collect_overview(settings, _store(settings), app)
+    finally:
+        app.close()
+    print(json.dumps(overview.to_dict()) if args.json else format_overview(overview))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from producer.report import write_report
+
+    settings = _settings(args)
+    summary = write_report(settings, _store(settings), args.job, args.output, limit=args.limit)
+    print(f"imgq: wrote {args.output}: {summary.items} items, {summary.thumbnails} thumbnails", file=sys.stderr)
     return 0
 
 
@@ -90,6 +136,14 @@ def cmd_results(args: argparse.Namespace) -> int:
 
     out = open_output(args.output)
     try:
+        if args.below is not None:
+            from producer.export import export_review
+
+            fmt = "jsonl" if args.output and str(args.output).endswith(".jsonl") else "csv"
+            n = export_review(_store(_settings(args)), args.job, out, args.below, fmt)
+            print(f"imgq: {n} items below confidence {args.below:g} (a manifest: fix labels, then "
+                  "`imgq retrain --data FILE`)", file=sys.stderr)
+            return 0
         summary = export_results(_store(_settings(args)), args.job, out, args.format)
     finally:
         if out is not sys.stdout:
@@ -101,6 +155,13 @@ def cmd_results(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     settings = _settings(args)
+    if args.gpus or args.processes is not None:
+        from producer.supervisor import run_workers  # never imports torch: CUDA stays untouched here
+
+        if args.name:
+            raise ImgqError("--name names one worker; with --gpus/--processes they are gpu<id>@%h / cpu<i>@%h")
+        return run_workers(settings, gpus=args.gpus, processes=args.processes, queues=args.queues,
+                           loglevel=args.loglevel)
     # The worker process reads its settings from the environment (worker.app), once: hand the
     # CLI's overrides over that way.
     os.environ.update(settings.to_env())
@@ -119,17 +180,69 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _retrain_request(args: argparse.Namespace) -> Any:
+    from model.net import ARCHITECTURES
+    from worker.retrain import RetrainRequest
+
+    if args.arch not in ARCHITECTURES:
+        raise ImgqError(f"--arch {args.arch!r}: choose one of {', '.join(ARCHITECTURES)}")
+    return RetrainRequest(source=args.data, arch=args.arch, epochs=args.epochs,
+                          init=str(args.init) if args.init else None, seed=args.seed, input_size=args.input_size)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    from model.train import TrainConfig, train
+    from producer.lifecycle import train_locally
 
     settings = _settings(args)
-    model_dir = args.out or settings.model_dir
-    config = TrainConfig(source=args.data, arch=args.arch, seed=args.seed,
-                         **({"epochs": args.epochs} if args.epochs else {}))
-    result = train(config, model_dir, on_epoch=lambda e: print(
-        f"epoch {e.epoch}: train loss {e.train_loss:.4f} acc {e.train_accuracy:.3f} | "
-        f"val loss {e.val_loss:.4f} acc {e.val_accuracy:.3f} | {e.seconds:.1f} s", flush=True))
-    print(f"model {result.version} written to {model_dir}: val accuracy {result.val_accuracy:.4f}")
+    if args.out:
+        settings = settings.replace(model_dir=args.out)
+    outcome = train_locally(settings, _retrain_request(args))
+    return 0 if outcome["event"] == "done" else 1
+
+
+def cmd_retrain(args: argparse.Namespace) -> int:
+    from producer.lifecycle import follow_retrain, trigger_retrain
+    from worker.app import create_app
+
+    settings = _settings(args)
+    run_id = trigger_retrain(create_app(settings), settings, _retrain_request(args))
+    if args.wait:
+        outcome = follow_retrain(settings, run_id)
+        print(run_id)
+        return 0 if outcome["event"] == "done" else 1
+    print(run_id)
+    return 0
+
+
+def cmd_beat(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from worker.app import app
+    from worker.schedule import OncePerTickScheduler, retrain_schedule
+
+    settings = _settings(args)
+    schedule = retrain_schedule(settings)
+    if not schedule:
+        raise ImgqError("no retrain schedule: set IMGQ_RETRAIN_CRON (e.g. '0 3 * * *') or IMGQ_RETRAIN_INTERVAL")
+    app.conf.beat_schedule = schedule
+    state = args.schedule_file or str(Path(tempfile.gettempdir()) / "imgq-beat-schedule")
+    app.Beat(scheduler=OncePerTickScheduler, schedule=state, loglevel=args.loglevel).run()
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from producer import lifecycle
+
+    settings = _settings(args)
+    if args.action == "list":
+        lifecycle.print_models(lifecycle.list_models(settings), args.json)
+    elif args.action == "promote":
+        if not args.version:
+            raise ImgqError("imgq models promote VERSION: name the version (see `imgq models list`)")
+        lifecycle.promote(settings, args.version)
+        print(f"champion is now {args.version}")
+    else:
+        print(f"rolled back: champion is now {lifecycle.rollback(settings)}")
     return 0
 
 
@@ -155,6 +268,16 @@ def _add_common(p: argparse.ArgumentParser, *, model: bool = False, fetch: bool 
     if fetch:
         p.add_argument("--allow-network", action="append", metavar="CIDR",
                        help="allow fetching from this blocked network, e.g. 127.0.0.0/8 (IMGQ_ALLOW_NETWORKS)")
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default="demo",
+                   help="`demo`, an ImageFolder directory (root/<class>/<image>) or a url,label manifest (.csv/.jsonl)")
+    p.add_argument("--arch", default="cnn", help="cnn (default), resnet18, mobilenet_v3_small, efficientnet_b0")
+    p.add_argument("--epochs", type=int, help="at most this many epochs (early stopping may end sooner)")
+    p.add_argument("--init", type=Path, help="start from this local safetensors weights file")
+    p.add_argument("--input-size", type=int, default=64, help="training and serving image size")
+    p.add_argument("--seed", type=int, default=0)
 
 
 def _output_args(p: argparse.ArgumentParser) -> None:
@@ -184,31 +307,66 @@ def build_parser() -> argparse.ArgumentParser:
     _output_args(p)
     p.set_defaults(func=cmd_submit)
 
-    p = sub.add_parser("status", help="a job's progress")
-    p.add_argument("job")
+    p = sub.add_parser("status", help="a job's progress; without JOB, the deployment's")
+    p.add_argument("job", nargs="?", help="job id (omit: queues, live workers, throughput, champion, recent jobs)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("reconcile", help="enqueue again a job's items that have no result (e.g. after Redis lost data)")
+    p.add_argument("job")
+    p.add_argument("urls", help="the URL file the job was submitted from (URLs are not kept in Redis); - for stdin")
+    p.add_argument("--batch-size", type=int, help="URLs per message (IMGQ_BATCH_SIZE)")
+    p.add_argument("--dry-run", action="store_true", help="only count the items that have no result")
+    p.set_defaults(func=cmd_reconcile)
+
+    p = sub.add_parser("report", help="a self-contained HTML page of a job: thumbnails, labels, filters")
+    p.add_argument("job")
+    p.add_argument("-o", "--output", type=Path, default=Path("report.html"), help="HTML file (default report.html)")
+    p.add_argument("--limit", type=int, default=2000, help="items shown as cards (counts cover the whole job)")
+    _add_common(p, fetch=True)
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("results", help="export a job's results in input order")
     p.add_argument("job")
     _output_args(p)
+    p.add_argument("--below", type=float, metavar="CONF",
+                   help="only labelled items under this confidence, as a url,label manifest for review")
     p.set_defaults(func=cmd_results)
 
     p = sub.add_parser("worker", help="run one Celery worker process")
     p.add_argument("--concurrency", type=int, help="tasks in flight (IMGQ_CONCURRENCY)")
     p.add_argument("--queues", help="comma-separated queues (default: the classify queue)")
     p.add_argument("--name", help="Celery node name, e.g. gpu0@%%h")
+    per_device = p.add_mutually_exclusive_group()
+    per_device.add_argument("--gpus", metavar="all|0,1",
+                            help="one worker process per GPU, each pinned with CUDA_VISIBLE_DEVICES, named gpu<id>@%%h")
+    per_device.add_argument("--processes", type=int, metavar="N",
+                            help="N CPU worker processes, each pinned to its share of the cores, named cpu<i>@%%h")
     p.add_argument("--loglevel", default="INFO")
     _add_common(p, model=True, fetch=True)
     p.set_defaults(func=cmd_worker)
 
-    p = sub.add_parser("train", help="train a model and make it the champion")
-    p.add_argument("--data", default="demo", help="`demo` or an ImageFolder directory (root/<class>/<image>)")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--arch", default="cnn")
-    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("train", help="train here; promote the model if it passes the gate")
+    _train_args(p)
     p.add_argument("--out", type=Path, help="model dir (default IMGQ_MODEL_DIR)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("retrain", help="send a retrain to the trainer worker (train queue)")
+    _train_args(p)
+    p.add_argument("--wait", action="store_true", help="show per-epoch progress and the outcome")
+    p.set_defaults(func=cmd_retrain)
+
+    p = sub.add_parser("beat", help="run Celery beat with the retrain schedule (IMGQ_RETRAIN_CRON)")
+    p.add_argument("--schedule-file", help="beat's state file (default: in the temp dir)")
+    p.add_argument("--loglevel", default="INFO")
+    p.set_defaults(func=cmd_beat)
+
+    p = sub.add_parser("models", help="the model registry: list, promote VERSION, rollback")
+    p.add_argument("action", choices=("list", "promote", "rollback"))
+    p.add_argument("version", nargs="?")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--model-dir", type=Path, help="model registry (IMGQ_MODEL_DIR)")
+    p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("demo-data", help="write the built-in demo data set as an ImageFolder")
     p.add_argument("out_dir", type=Path)

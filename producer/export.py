@@ -52,3 +52,25 @@ def _csv_row(record: dict[str, Any]) -> dict[str, Any]:
             "confidence": "" if record["confidence"] is None else record["confidence"],
             "model_version": record["model_version"] or "", "error_code": error.get("code", ""),
             "error_message": error.get("message", "")}
+
+
+REVIEW_FIELDS = ("url", "label", "confidence", "model_version", "index")
+
+
+def export_review(store: JobStore, job_id: str, out: TextIO, below: float, fmt: str = "csv") -> int:
+    """Labelled items with confidence < ``below``, as a training manifest (url,label): a person corrects
+    the labels, and `imgq retrain --data review.csv` learns from them. Returns the number written."""
+    total = store.status(job_id).total
+    writer = csv.DictWriter(out, fieldnames=REVIEW_FIELDS, extrasaction="ignore") if fmt == "csv" else None
+    if writer:
+        writer.writeheader()
+    written = 0
+    for record in store.iter_results(job_id, total):
+        if record is None or record["error"] or record["confidence"] >= below:
+            continue
+        written += 1
+        if writer:
+            writer.writerow(record)
+        else:
+            out.write(json.dumps({k: record[k] for k in REVIEW_FIELDS}, separators=(",", ":")) + "\n")
+    return written

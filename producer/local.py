@@ -39,13 +39,13 @@ class WorkerProcess:
     """One `imgq worker` subprocess with its log in a file."""
 
     def __init__(self, settings: Settings, *, name: str, concurrency: int | None = None,
-                 log_dir: Path, extra_env: dict[str, str] | None = None) -> None:
+                 log_dir: Path, extra_env: dict[str, str] | None = None, queues: str | None = None) -> None:
         self.name = name
         self.log_path = log_dir / f"{name}.log"
         env = {**os.environ, **settings.to_env(), **(extra_env or {})}
         env.setdefault("PYTHONUNBUFFERED", "1")
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(worker_command(concurrency=concurrency, name=name), env=env,
+            self.proc = subprocess.Popen(worker_command(concurrency=concurrency, name=name, queues=queues), env=env,
                                          stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def check_alive(self) -> None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +39,8 @@ TEST_ENV = {
     "IMGQ_CONCURRENCY": "4",
     "IMGQ_TORCH_THREADS": "1",
     "IMGQ_BATCH_SIZE": "16",
+    # No fixed metrics port: parallel workers (and CI runs) would race for it. Tests that scrape pick one.
+    "IMGQ_METRICS_PORT": "0",
 }
 
 
@@ -50,8 +54,15 @@ def redis_server() -> Iterator[RedisServer]:
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The default CNN, trained once per session on the demo set."""
     out = tmp_path_factory.mktemp("models")
+    # Local iteration only: IMGQ_TEST_MODEL_CACHE=/some/dir reuses one trained model across runs. CI trains.
+    cache = os.environ.get("IMGQ_TEST_MODEL_CACHE")
+    if cache and (Path(cache) / "CHAMPION").is_file():
+        shutil.copytree(cache, out, dirs_exist_ok=True)
+        return out
     result = train(TrainConfig(source="demo", epochs=6), out)
     assert result.val_accuracy > 0.9, result
+    if cache:
+        shutil.copytree(out, cache, dirs_exist_ok=True)
     return out
 
 
@@ -94,9 +105,9 @@ class Cluster:
         self.store = JobStore.from_url(settings.redis_url, ttl_s=settings.job_ttl_s)
         self.workers: list[WorkerProcess] = []
 
-    def start_worker(self, name: str | None = None, **env: str) -> WorkerProcess:
+    def start_worker(self, name: str | None = None, queues: str | None = None, **env: str) -> WorkerProcess:
         worker = WorkerProcess(self.settings, name=name or f"w{len(self.workers)}@%h", log_dir=self.log_dir,
-                               extra_env=env)
+                               extra_env=env, queues=queues)
         self.workers.append(worker)
         return worker
 

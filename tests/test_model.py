@@ -121,6 +121,18 @@ def test_preprocess_shape_and_normalisation() -> None:
     assert (pre.size, pre.mean, pre.std) == (40, IMAGENET_MEAN, IMAGENET_STD)
 
 
+@pytest.mark.parametrize("size", [40, 64, 224])
+def test_preprocess_computes_its_v2_definition_bit_for_bit(size: int) -> None:
+    # __call__ is a hand-written fast path; serving and validation must still get exactly pre.transform.
+    rng = np.random.default_rng(size)
+    images = [img for img, _ in demo_images("val", 1)]
+    images += [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in
+               ((48, 64), (size, size), (301, 157), (600, 800))]
+    pre = Preprocess(size=size, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    for img in images:
+        assert torch.equal(pre(img), pre.transform(img)), img.size
+
+
 def test_train_preprocess_is_seeded_and_shaped_like_serving() -> None:
     img = demo_images("train", 1)[0][0]
     augment = TrainPreprocess(size=64, mean=IMAGENET_MEAN, std=IMAGENET_STD)

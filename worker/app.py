@@ -15,6 +15,7 @@ from typing import Any
 from celery import Celery, signals
 
 from imgq.settings import Settings
+from worker import metrics
 
 CLASSIFY_TASK = "imgq.classify"
 RETRAIN_TASK = "imgq.retrain"
@@ -76,8 +77,11 @@ def app_settings(celery_app: Celery = app) -> Settings:
 
 
 def _serves_classify(sender: Any) -> bool:
-    queues = getattr(getattr(sender, "app", None), "amqp", None)
-    names = set(queues.queues.keys()) if queues is not None else set()
+    """False for a trainer (`-Q imgq.train`): it needs no model to start and loads none."""
+    amqp = getattr(getattr(sender, "app", None), "amqp", None)
+    if amqp is None:
+        return True
+    names = set(amqp.queues.consume_from or amqp.queues)
     return not names or app_settings().classify_queue in names
 
 
@@ -94,6 +98,21 @@ def _refuse_without_model(sender: Any = None, **_: Any) -> None:
         os._exit(3)
 
 
+@signals.worker_init.connect
+def _serve_metrics(sender: Any = None, **_: Any) -> None:
+    metrics.start_server(app_settings().metrics_port, node=str(getattr(sender, "hostname", "")))
+
+
+@signals.before_task_publish.connect
+def _stamp_enqueue_time(headers: dict[str, Any] | None = None, **_: Any) -> None:
+    metrics.stamp_enqueued(headers)  # runs in the producer: lets the worker measure queue wait
+
+
+@signals.task_prerun.connect
+def _observe_queue_wait(task: Any = None, **_: Any) -> None:
+    metrics.observe_queue_wait(task.name, task.request)
+
+
 @signals.worker_ready.connect
 def _warm_up(sender: Any = None, **_: Any) -> None:
     # In the threads/solo pool this process serves tasks: load the model now, not on the first batch.
@@ -101,7 +120,8 @@ def _warm_up(sender: Any = None, **_: Any) -> None:
     if pool in ("threads", "solo") and _serves_classify(sender):
         from worker.engine import get_engine
 
-        get_engine()
+        engine = get_engine()
+        metrics.set_model(engine.model.version, engine.device)
 
 
 @signals.worker_process_init.connect

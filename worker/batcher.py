@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from model import Classifier
+from worker import metrics
 
 Prediction = list[tuple[str, float]]
 
@@ -30,12 +31,17 @@ class _Request:
 
 
 class Batcher:
-    def __init__(self, *, max_batch: int, max_wait_s: float) -> None:
+    """``runners`` threads each collect a batch from the shared queue and run it, so on CPU two forward passes
+    with one torch thread each can use two cores without torch's intra-op barrier coupling them."""
+
+    def __init__(self, *, max_batch: int, max_wait_s: float, runners: int = 1) -> None:
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self._queue: queue.Queue[_Request | None] = queue.Queue()
-        self._thread = threading.Thread(target=self._run, name="imgq-batcher", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._run, name="imgq-batcher", daemon=True)
+                         for _ in range(max(1, runners))]
+        for thread in self._threads:
+            thread.start()
 
     def predict(self, model: Classifier, tensors: Sequence[torch.Tensor], k: int) -> list[Prediction]:
         """Blocks until this request's rows have been through the model."""
@@ -46,8 +52,10 @@ class Batcher:
         return request.future.result()
 
     def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join(timeout=10)
+        for _ in self._threads:
+            self._queue.put(None)  # each runner takes one and stops
+        for thread in self._threads:
+            thread.join(timeout=10)
 
     def _run(self) -> None:
         held: list[_Request] = []  # requests for another model, run in the next round
@@ -79,6 +87,7 @@ class Batcher:
             preds: list[Prediction] = []
             for start in range(0, len(batch), self.max_batch):
                 preds += model.predict(batch[start:start + self.max_batch], k=k)
+                metrics.observe_forward_batch(min(self.max_batch, len(batch) - start))
         except BaseException as exc:  # hand the failure to every waiting task, keep the stage alive
             for r in group:
                 r.future.set_exception(exc)

@@ -17,15 +17,14 @@ Thread-safe: the worker decodes in a thread pool, so nothing here touches Pillow
 
 from __future__ import annotations
 
-import contextlib
 import io
 import struct
 from collections.abc import Sequence
 
-import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 from imgq.errors import ErrorCode, ItemError
+from model.preprocess import to_rgb
 
 # Magic bytes per format: (offset, prefix).
 _MAGIC: tuple[tuple[str, int, bytes], ...] = (
@@ -58,7 +57,6 @@ _EXPECTED = (
     Warning,
 )
 
-_WHITE = (255, 255, 255)
 
 
 def sniff_format(data: bytes) -> str | None:
@@ -99,7 +97,7 @@ def decode_image(
         if draft_size is not None and fmt == "JPEG":
             im.draft("RGB", (draft_size, draft_size))
         im.load()
-        return _to_rgb(_upright(im))
+        return to_rgb(im)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ItemError(
             ErrorCode.TOO_LARGE, f"{fmt} image is far larger than allowed (IMGQ_MAX_PIXELS={max_pixels}): {exc}"
@@ -119,44 +117,3 @@ def _check_size(im: Image.Image, fmt: str, max_pixels: int) -> None:
             ErrorCode.TOO_LARGE,
             f"{fmt} is {width}x{height} = {width * height} pixels; the limit is {max_pixels} (IMGQ_MAX_PIXELS)",
         )
-
-
-def _upright(im: Image.Image) -> Image.Image:
-    """Apply EXIF orientation, so a rotated phone photo gets the same label as an upright one."""
-    # Unreadable EXIF is ignored: the pixels are fine, keep them as stored.
-    with contextlib.suppress(*_EXPECTED):
-        ImageOps.exif_transpose(im, in_place=True)  # in place: no copy of an image that needs no turning
-    return im
-
-
-def _to_rgb(im: Image.Image) -> Image.Image:
-    mode = im.mode
-    if mode == "RGB":
-        return im
-    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        return _scale_to_rgb(im)
-    if mode in ("RGBA", "LA", "PA", "La", "RGBa") or (mode == "P" and "transparency" in im.info):
-        return _on_white(im.convert("RGBA"))
-    return im.convert("RGB")
-
-
-def _on_white(rgba: Image.Image) -> Image.Image:
-    background = Image.new("RGB", rgba.size, _WHITE)
-    background.paste(rgba, mask=rgba.getchannel("A"))
-    return background
-
-
-def _scale_to_rgb(im: Image.Image) -> Image.Image:
-    """16-bit, 32-bit int and float greyscale to 8 bits by scaling; Pillow's convert would clip at 255."""
-    values = np.asarray(im)
-    if im.mode.startswith("I;16") or (im.mode == "I" and values.min() >= 0 and values.max() <= 0xFFFF):
-        scaled = values.astype(np.float32) / 257.0  # the full 16-bit range onto 0..255
-    else:
-        floats = np.nan_to_num(values.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-        low, high = float(floats.min()), float(floats.max())
-        if im.mode == "F" and low >= 0.0 and high <= 1.0:
-            scaled = floats * 255.0  # the usual 0..1 float convention
-        else:
-            scaled = (floats - low) * (255.0 / (high - low)) if high > low else np.zeros_like(floats)
-    grey = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
-    return Image.fromarray(grey).convert("RGB")

@@ -8,20 +8,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
+import redis
 import torch
 
+from imgq.champion import Champion
 from imgq.errors import ErrorCode, ItemError, SettingsError
 from imgq.settings import Settings
 from model import Classifier, resolve_device
-from model.registry import load_champion
+from model.classifier import ServingOptions, configure_serving
+from worker import cores
 from worker.batcher import Batcher, Prediction
 from worker.decode import decode_image
 from worker.fetch import Fetcher
+from worker.gpu_decode import GpuDecoder
+from worker.model_watch import ModelWatcher
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +36,14 @@ class Engine:
         self.device = resolve_device(settings.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise SettingsError("IMGQ_DEVICE=cuda but torch sees no CUDA device; use auto or cpu")
-        if settings.torch_threads:
-            torch.set_num_threads(settings.torch_threads)
-        self.model: Classifier = load_champion(settings.model_dir, self.device)
+        threads = cores.torch_threads(settings, self.device)
+        if threads:
+            torch.set_num_threads(threads)
+        # Before any model loads: hot-reloaded models get the same options.
+        configure_serving(ServingOptions(amp=settings.amp, compile=settings.compile))
+        self.redis = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5, socket_timeout=10)
+        self._models = ModelWatcher(Champion(settings.model_dir, self.redis), self.device,
+                                    check_every_s=settings.reload_check_s)
         log.info("imgq engine: model %s on %s", self.model.version, self.device)
         self._loop = asyncio.new_event_loop()
         self._loop_thread = threading.Thread(target=self._loop.run_forever, name="imgq-fetch", daemon=True)
@@ -42,16 +51,32 @@ class Engine:
         self._fetcher = Fetcher(settings)
         asyncio.run_coroutine_threadsafe(self._fetcher.__aenter__(), self._loop).result()
         # Pillow releases the GIL while decoding, so threads decode in parallel.
-        self._decode_pool = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2),
+        self._decode_pool = ThreadPoolExecutor(max_workers=cores.decode_threads(settings),
                                                thread_name_prefix="imgq-decode")
-        self._batcher = Batcher(max_batch=settings.infer_batch, max_wait_s=settings.infer_wait_ms / 1000)
+        self._batcher = Batcher(max_batch=settings.infer_batch, max_wait_s=settings.infer_wait_ms / 1000,
+                                runners=cores.infer_threads(settings, self.device))
+        self._gpu_decoder: GpuDecoder | None = None
+        if settings.gpu_decode and self.device.type == "cuda":
+            self._gpu_decoder = GpuDecoder(settings, self.device)
+        elif settings.gpu_decode:
+            log.warning("IMGQ_GPU_DECODE is on but the device is %s: decoding with Pillow", self.device)
+
+    @property
+    def model(self) -> Classifier:
+        """The champion now; a batch reads this once so it never mixes versions."""
+        return self._models.current()
 
     def fetch(self, urls: Sequence[str]) -> list[bytes | ItemError]:
         future = asyncio.run_coroutine_threadsafe(self._fetcher.fetch_many(urls), self._loop)
         return future.result()
 
     def prepare(self, bodies: Sequence[bytes | ItemError], model: Classifier) -> list[torch.Tensor | ItemError]:
-        """Decode and preprocess off the event loop, in the decode pool."""
+        """Decode and preprocess off the event loop, in the decode pool (JPEGs on the GPU if IMGQ_GPU_DECODE)."""
+        if self._gpu_decoder is not None:
+            return self._gpu_decoder.prepare(bodies, model, fallback=lambda rest: self._cpu_prepare(rest, model))
+        return self._cpu_prepare(bodies, model)
+
+    def _cpu_prepare(self, bodies: Sequence[bytes | ItemError], model: Classifier) -> list[torch.Tensor | ItemError]:
         return list(self._decode_pool.map(lambda body: self._prepare_one(body, model), bodies))
 
     def _prepare_one(self, body: bytes | ItemError, model: Classifier) -> torch.Tensor | ItemError:
@@ -76,6 +101,7 @@ class Engine:
         asyncio.run_coroutine_threadsafe(self._fetcher.__aexit__(None, None, None), self._loop).result(timeout=10)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._loop_thread.join(timeout=10)
+        self.redis.close()
 
 
 _engine: Engine | None = None

@@ -12,8 +12,10 @@ from typing import Any
 
 import torch
 
-from imgq.errors import ItemError
+from imgq import throughput
+from imgq.errors import ErrorCode, ItemError
 from imgq.jobs import JobStore, result_record
+from worker import metrics
 from worker.engine import Engine
 
 log = logging.getLogger(__name__)
@@ -26,16 +28,23 @@ def classify_batch(engine: Engine, store: JobStore, job_id: str, batch_id: int,
     if deliveries > engine.settings.max_deliveries:
         log.error("job %s batch %d: delivery %d > %d, giving up", job_id, batch_id, deliveries,
                   engine.settings.max_deliveries)
-        return store.give_up_batch(job_id, batch_id, items, deliveries - 1)
+        given_up = store.give_up_batch(job_id, batch_id, items, deliveries - 1)
+        metrics.count_errors(ErrorCode.WORKER_LOST, given_up)
+        throughput.record_written(store.r, given_up)
+        return given_up
 
     todo = store.unfinished(job_id, items) if deliveries > 1 else list(items)
     if not todo:
         return 0
     model = engine.model  # read once: the whole batch uses one model version
-    bodies = engine.fetch([url for _, url in todo])
-    prepared = engine.prepare(bodies, model)
+    metrics.set_model(model.version, engine.device)
+    with metrics.stage("fetch"):
+        bodies = engine.fetch([url for _, url in todo])
+    with metrics.stage("decode"):
+        prepared = engine.prepare(bodies, model)
     tensors = [t for t in prepared if isinstance(t, torch.Tensor)]
-    predictions = iter(engine.predict(model, tensors))
+    with metrics.stage("infer"):
+        predictions = iter(engine.predict(model, tensors))
 
     records: list[dict[str, Any]] = []
     for (index, url), item in zip(todo, prepared, strict=True):
@@ -43,5 +52,9 @@ def classify_batch(engine: Engine, store: JobStore, job_id: str, batch_id: int,
             records.append(result_record(index, url, model_version=model.version, error=item))
         else:
             records.append(result_record(index, url, topk=next(predictions), model_version=model.version))
-    return store.write_results(job_id, records)
+    with metrics.stage("write"):
+        written = store.write_results(job_id, records)
+    metrics.count_results(records)
+    throughput.record_written(store.r, written)
+    return written
 

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 from functools import cache
+from typing import Any
+
+import redis
+from celery import Task
+from celery.exceptions import Reject
 
 from imgq.jobs import JobStore
-from worker.app import CLASSIFY_TASK, app, app_settings
+from worker.app import CLASSIFY_TASK, RETRAIN_TASK, app, app_settings
 from worker.engine import get_engine
 from worker.pipeline import classify_batch
+from worker.retrain import LOCK_TIMEOUT_S, RetrainRequest, run_retrain
 
 
 @cache
@@ -19,4 +25,24 @@ def _store() -> JobStore:
 @app.task(name=CLASSIFY_TASK)
 def classify(job_id: str, batch_id: int, items: list[list[object]]) -> int:
     pairs = [(int(str(index)), str(url)) for index, url in items]
-    return classify_batch(get_engine(), _store(), job_id, batch_id, pairs)
+    try:
+        return classify_batch(get_engine(), _store(), job_id, batch_id, pairs)
+    except redis.RedisError as exc:
+        # Results could not be written (Redis full, or gone): put the batch back rather than ack it
+        # unwritten. The delivery counter still bounds how often it comes back.
+        raise Reject(f"job {job_id} batch {batch_id}: Redis refused the write ({exc}); requeued", requeue=True) from exc
+
+
+@cache
+def _redis() -> redis.Redis:
+    return _store().r
+
+
+# Acked on receipt, not late: a retrain can outlast the visibility timeout, and a redelivered copy would
+# train twice. A trainer that dies loses the run; the next trigger (or beat) starts a new one.
+@app.task(name=RETRAIN_TASK, bind=True, acks_late=False, time_limit=LOCK_TIMEOUT_S)
+def retrain(self: Task, source: str = "demo", arch: str = "cnn", epochs: int | None = None,
+            init: str | None = None, seed: int = 0, input_size: int = 64, trigger: str = "manual") -> dict[str, Any]:
+    request = RetrainRequest(source=source, arch=arch, epochs=epochs, init=init, seed=seed, input_size=input_size,
+                             trigger=trigger)
+    return run_retrain(app_settings(), _redis(), str(self.request.id), request)

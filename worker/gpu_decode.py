@@ -1,10 +1,12 @@
 """JPEG decode and preprocessing on the GPU (nvJPEG through torchvision), when ``IMGQ_GPU_DECODE`` is on.
 
 A JPEG body gets the same checks as on the Pillow path first (allowed format by magic bytes, size within
-``IMGQ_MAX_PIXELS`` from the header, nothing decoded yet), then a batch is decoded in one nvJPEG call with
-EXIF orientation applied, resized with antialiased bilinear and normalised on the GPU. Everything else goes
-to Pillow (``fallback``): other formats, bodies that fail a check, and JPEGs nvJPEG refuses (e.g. CMYK or
-corrupt), so every error keeps the code the Pillow path gives it.
+``IMGQ_MAX_PIXELS`` from the header, nothing decoded yet), then a batch is decoded in one nvJPEG call,
+resized with antialiased bilinear and normalised on the GPU. Everything else goes to Pillow (``fallback``):
+other formats, bodies that fail a check, JPEGs with an EXIF orientation (torchvision applies it on CPU
+only), and JPEGs nvJPEG refuses (e.g. corrupt), so every image is upright and every error keeps the code
+the Pillow path gives it. (torchvision 0.29 marks its image decoders deprecated in favour of TorchCodec and
+warns once.)
 
 The GPU resize matches Pillow's to within rounding, not bit for bit, which is why this is opt-in.
 """
@@ -25,14 +27,14 @@ from imgq.settings import Settings
 from model import Classifier
 from worker.decode import sniff_format
 
+_ORIENTATION = 0x0112  # EXIF tag
 Prepared = torch.Tensor | ItemError
 Fallback = Callable[[Sequence[bytes | ItemError]], list[Prepared]]
 
 
 class GpuDecoder:
     def __init__(self, settings: Settings, device: torch.device) -> None:
-        if device.type != "cuda":
-            raise ValueError(f"GPU decode needs a CUDA device, not {device}")
+        # The engine uses it on CUDA only; on CPU torchvision decodes with libjpeg, which the tests use.
         self.settings = settings
         self.device = device
         # nvJPEG state in torchvision is per process: one batch decodes at a time, tasks take turns.
@@ -56,10 +58,12 @@ class GpuDecoder:
         if "JPEG" not in self.settings.image_formats or sniff_format(body) != "JPEG":
             return False
         try:
-            width, height = Image.open(io.BytesIO(body), formats=["JPEG"]).size  # the header only
+            header = Image.open(io.BytesIO(body), formats=["JPEG"])  # reads the header, decodes nothing
+            width, height = header.size
+            upright = header.getexif().get(_ORIENTATION, 1) == 1
         except Exception:  # Pillow explains what is wrong on the fallback path
             return False
-        return 0 < width * height <= self.settings.max_pixels
+        return upright and 0 < width * height <= self.settings.max_pixels
 
     def _decode(self, bodies: Sequence[bytes]) -> list[torch.Tensor | None]:
         if not bodies:
@@ -68,16 +72,14 @@ class GpuDecoder:
         data = [torch.frombuffer(bytearray(body), dtype=torch.uint8) for body in bodies]
         with self._lock:
             try:
-                return list(decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device,
-                                        apply_exif_orientation=True))
+                return list(decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device))
             except RuntimeError:
                 pass  # one bad image fails the whole batch: find it, one by one
             return [self._decode_one(d) for d in data]
 
     def _decode_one(self, data: torch.Tensor) -> torch.Tensor | None:
         try:
-            image: torch.Tensor = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device,
-                                              apply_exif_orientation=True)
+            image: torch.Tensor = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
             return image
         except RuntimeError:
             return None

@@ -23,6 +23,7 @@ from typing import Any
 
 import redis
 
+from imgq import throughput
 from imgq.errors import ErrorCode, ImgqError, ItemError
 
 PREFIX = "imgq"
@@ -30,11 +31,12 @@ _JOBS_INDEX = f"{PREFIX}:jobs"
 # Keep the recent-jobs index from growing without bound.
 _JOBS_INDEX_MAX = 1000
 
-# KEYS: results hash, job hash. ARGV: ttl, then (index, record json, is_error) triples.
+# KEYS: results hash, job hash, throughput window counter. ARGV: ttl, window ttl, then (index, record json,
+# is_error) triples.
 _WRITE_RESULTS = """
 local written = 0
 local failed = 0
-for i = 2, #ARGV, 3 do
+for i = 3, #ARGV, 3 do
   if redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1]) == 1 then
     written = written + 1
     if ARGV[i + 2] == '1' then failed = failed + 1 end
@@ -42,6 +44,10 @@ for i = 2, #ARGV, 3 do
 end
 if failed > 0 then redis.call('HINCRBY', KEYS[2], 'failed', failed) end
 redis.call('EXPIRE', KEYS[1], ARGV[1])
+if written > 0 then
+  redis.call('INCRBY', KEYS[3], written)
+  redis.call('EXPIRE', KEYS[3], ARGV[2])
+end
 return written
 """
 
@@ -193,13 +199,14 @@ class JobStore:
         return int(n)
 
     def write_results(self, job_id: str, records: Sequence[dict[str, Any]]) -> int:
-        """Write records first-wins; returns how many were new."""
+        """Write records first-wins; returns how many were new (also added to the throughput window)."""
         if not records:
             return 0
-        argv: list[Any] = [self.ttl_s]
+        argv: list[Any] = [self.ttl_s, throughput.WINDOW_TTL_S]
         for rec in records:
             argv += [rec["index"], json.dumps(rec, separators=(",", ":")), "1" if rec["error"] else "0"]
-        return int(self._write(keys=[f"{self._job(job_id)}:results", self._job(job_id)], args=argv))
+        keys = [f"{self._job(job_id)}:results", self._job(job_id), throughput.window_key()]
+        return int(self._write(keys=keys, args=argv))
 
     def give_up_batch(self, job_id: str, batch_id: int, items: Sequence[tuple[int, str]], deliveries: int) -> int:
         """A batch kept killing workers: its unfinished items end as worker_lost (dead-letter list)."""

@@ -2,7 +2,7 @@
 
     imgq:written:<unix time // 10>   STRING   results written by any worker in that window; expires in 3 min
 
-Workers add what they wrote after each batch; `imgq status` sums the last minute. It counts across every
+Workers add what they wrote with each batch's results; `imgq status` sums the last minute. It counts across every
 worker and host that shares the Redis, which per-process Prometheus counters cannot do without a Prometheus.
 """
 
@@ -15,17 +15,13 @@ import redis
 BUCKET_S = 10
 _KEY = "imgq:written:{}"
 # Long enough to sum a full minute, short enough that the keys never pile up.
-_TTL_S = 180
+WINDOW_TTL_S = 180
 
 
-def record_written(client: redis.Redis, n: int, *, now: float | None = None) -> None:
-    if n <= 0:
-        return
-    key = _KEY.format(int((time.time() if now is None else now) // BUCKET_S))
-    with client.pipeline(transaction=False) as p:
-        p.incrby(key, n)
-        p.expire(key, _TTL_S)
-        p.execute()
+def window_key(now: float | None = None) -> str:
+    """The counter for the window ``now`` falls in; :meth:`imgq.jobs.JobStore.write_results` adds to it in the
+    same Lua call that writes the results (no extra round trip per batch)."""
+    return _KEY.format(int((time.time() if now is None else now) // BUCKET_S))
 
 
 def written_last(client: redis.Redis, window_s: int = 60, *, now: float | None = None) -> int:

@@ -11,6 +11,7 @@ import torch
 
 from imgq.jobs import JobStore
 from imgq.redis_server import RedisServer
+from imgq.throughput import written_last
 from model.registry import load_champion
 from tests.conftest import ImageSite, settings_for
 from worker.batcher import Batcher
@@ -43,10 +44,12 @@ def test_a_batch_writes_one_record_per_item_and_redelivery_writes_nothing(
     store.add_batches(job, items=len(items), batches=1)
     store.finish_submission(job)
 
+    written_before = written_last(store.r)
     assert classify_batch(engine, store, job, 0, items) == 8
     first = [r for r in store.iter_results(job, 8)]
     # Delivered again (a worker died after writing, before acking): no new writes, no double count.
     assert classify_batch(engine, store, job, 0, items) == 0
+    assert written_last(store.r) == written_before + 8  # the throughput `imgq status` shows, counted once
     status = store.status(job)
     assert (status.done, status.failed, status.state) == (8, 1, "done")
     assert [r for r in store.iter_results(job, 8)] == first

@@ -96,6 +96,9 @@ def decode_image(
         _check_size(im, fmt, max_pixels)
         if draft_size is not None and fmt == "JPEG":
             im.draft("RGB", (draft_size, draft_size))
+        # The data is all in memory: hand the decoder all of it in one call (one GIL release per image
+        # instead of one per 64 KB block, which other worker threads were left waiting on).
+        im.decodermaxblock = max(im.decodermaxblock, len(data))
         im.load()
         return to_rgb(im)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:

@@ -30,7 +30,7 @@ import asyncio
 import contextlib
 import logging
 import zlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from types import TracebackType
 
 import aiohttp
@@ -162,19 +162,28 @@ class Fetcher:
                     f"{url}: not finished within {self._settings.fetch_timeout_s:g} s (IMGQ_FETCH_TIMEOUT)",
                 ) from None
 
-    async def fetch_many(self, urls: Sequence[str]) -> list[bytes | ItemError]:
-        """Fetch concurrently; one entry per URL in the same order, each the body or its ItemError."""
+    async def fetch_many(self, urls: Sequence[str], *,
+                         on_result: Callable[[int, bytes | ItemError], None] | None = None) -> list[bytes | ItemError]:
+        """Fetch concurrently; one entry per URL in the same order, each the body or its ItemError.
 
-        async def one(url: str) -> bytes | ItemError:
+        ``on_result(i, body_or_error)`` is called on the event loop as each URL finishes, so a caller can
+        start on early bodies while the rest download; it must not block.
+        """
+
+        async def one(i: int, url: str) -> bytes | ItemError:
+            result: bytes | ItemError
             try:
-                return await self.fetch(url)
+                result = await self.fetch(url)
             except ItemError as exc:
-                return exc
+                result = exc
             except Exception as exc:  # a bug must cost one item, not the batch
                 log.exception("unexpected error fetching %s", url)
-                return ItemError(ErrorCode.INTERNAL, f"{url}: {type(exc).__name__}: {exc}")
+                result = ItemError(ErrorCode.INTERNAL, f"{url}: {type(exc).__name__}: {exc}")
+            if on_result is not None:
+                on_result(i, result)
+            return result
 
-        return list(await asyncio.gather(*(one(u) for u in urls)))
+        return list(await asyncio.gather(*(one(i, u) for i, u in enumerate(urls))))
 
     @contextlib.asynccontextmanager
     async def _host_slot(self, url: yarl.URL) -> AsyncIterator[None]:

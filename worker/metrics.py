@@ -2,8 +2,9 @@
 
     imgq_images_total{outcome}          items this process finished: ``labelled`` or ``error``
     imgq_item_errors_total{code}        failed items by error code (imgq/errors.py)
-    imgq_stage_seconds{stage}           per batch: ``fetch``, ``decode`` (and preprocess), ``infer`` (batcher wait
-                                        included), ``write`` (the one Lua call)
+    imgq_stage_seconds{stage}           per batch: ``fetch`` (to the last body; decoding starts on each body
+                                        as it arrives), ``decode`` (and preprocess, what is left after the
+                                        last body), ``infer`` (batcher wait included), ``write`` (the one Lua call)
     imgq_forward_batch_size             rows per forward pass, after the dynamic batcher merged tasks
     imgq_queue_wait_seconds{task}       enqueue (producer's clock) to task start (worker's clock)
     imgq_model_info{version,device}     the model this process serves

@@ -12,7 +12,6 @@ from typing import Any
 
 import torch
 
-from imgq import throughput
 from imgq.errors import ErrorCode, ItemError
 from imgq.jobs import JobStore, result_record
 from worker import metrics
@@ -30,7 +29,6 @@ def classify_batch(engine: Engine, store: JobStore, job_id: str, batch_id: int,
                   engine.settings.max_deliveries)
         given_up = store.give_up_batch(job_id, batch_id, items, deliveries - 1)
         metrics.count_errors(ErrorCode.WORKER_LOST, given_up)
-        throughput.record_written(store.r, given_up)
         return given_up
 
     todo = store.unfinished(job_id, items) if deliveries > 1 else list(items)
@@ -38,10 +36,7 @@ def classify_batch(engine: Engine, store: JobStore, job_id: str, batch_id: int,
         return 0
     model = engine.model  # read once: the whole batch uses one model version
     metrics.set_model(model.version, engine.device)
-    with metrics.stage("fetch"):
-        bodies = engine.fetch([url for _, url in todo])
-    with metrics.stage("decode"):
-        prepared = engine.prepare(bodies, model)
+    prepared = engine.fetch_prepare([url for _, url in todo], model)
     tensors = [t for t in prepared if isinstance(t, torch.Tensor)]
     with metrics.stage("infer"):
         predictions = iter(engine.predict(model, tensors))
@@ -55,6 +50,5 @@ def classify_batch(engine: Engine, store: JobStore, job_id: str, batch_id: int,
     with metrics.stage("write"):
         written = store.write_results(job_id, records)
     metrics.count_results(records)
-    throughput.record_written(store.r, written)
     return written
 

@@ -41,7 +41,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     out = open_output(args.output)
     try:
         report = run_job(read_urls(args.urls), out, settings=settings, workers=args.workers,
-                         concurrency=args.concurrency, fmt=args.format, progress=not args.quiet)
+                         concurrency=args.concurrency, fmt=args.format, progress=not args.quiet,
+                         reread=None if str(args.urls) == "-" else lambda: read_urls(args.urls))
     finally:
         if out is not sys.stdout:
             out.close()
@@ -67,7 +68,12 @@ def cmd_submit(args: argparse.Namespace) -> int:
         from producer.run import open_output
         from producer.wait import wait_for_job
 
-        wait_for_job(store, job_id, progress=True)
+        repair = None
+        if str(args.urls) != "-":  # stdin cannot be read again to find what is missing
+            from producer.reconcile import stall_repair
+
+            repair = stall_repair(job_id, lambda: read_urls(args.urls), settings=settings, store=store, app=app)
+        wait_for_job(store, job_id, progress=True, repair=repair)
         out = open_output(args.output)
         try:
             export_results(store, job_id, out, args.format)

@@ -72,7 +72,7 @@ def run_demo(settings: Settings, out: TextIO, *, per_class: int = 20, show: int 
             truth = {f"{base}/{path.relative_to(root).as_posix()}": label for path, label in files}
             urls = [*truth, f"{base}/missing.jpg"]  # one bad URL: errors are results too
             buf = io.StringIO()
-            report = run_job(urls, buf, settings=settings, progress=False)
+            report = run_job(urls, buf, settings=settings, progress=False, reread=lambda: urls)
     records = [json.loads(line) for line in buf.getvalue().splitlines()]
     return _print_table(records, truth, report, out, show)
 

@@ -7,12 +7,14 @@ URLs are not stored per item in Redis (that would double a job's memory), so rec
 file the job was submitted from: an item's index is its position in that file, counted as `imgq submit`
 counts (blank lines and `#` comments skipped). Every result record names its URL, so a different file is
 detected and refused. Enqueuing an item that is still queued is harmless: results are first-wins.
+
+`imgq submit --wait` and `imgq run` do the same by themselves when a job stalls (:func:`stall_repair`).
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from celery import Celery
@@ -21,6 +23,7 @@ from imgq.errors import ImgqError
 from imgq.jobs import JobStatus, JobStore
 from imgq.settings import Settings
 from producer.submit import enqueue_batches
+from producer.wait import StallRepair
 
 # Results are read (HMGET) this many at a time.
 _CHUNK = 5000
@@ -78,3 +81,22 @@ def reconcile_job(job_id: str, urls: Iterable[str], *, settings: Settings, store
 def _batches(items: list[tuple[int, str]], size: int) -> Iterator[list[tuple[int, str]]]:
     for start in range(0, len(items), size):
         yield items[start:start + size]
+
+
+def stall_after_s(settings: Settings) -> float:
+    """How long a job may make no progress, its queue empty, before its missing items are enqueued again:
+    past the visibility timeout plus kombu's restore sweep, by when a dead worker's batches are back."""
+    return 2 * settings.visibility_timeout_s + 10
+
+
+def stall_repair(job_id: str, urls: Callable[[], Iterable[str]], *, settings: Settings, store: JobStore,
+                 app: Celery) -> StallRepair:
+    """Reconcile ``job_id`` from ``urls()`` (the submitted URLs, read again) when it stalls."""
+    after = stall_after_s(settings)
+
+    def reenqueue() -> str:
+        report = reconcile_job(job_id, urls(), settings=settings, store=store, app=app)
+        return f"no progress for {after:g} s and the queue is empty: {report.describe()}"
+
+    return StallRepair(after_s=after, queue_empty=lambda: store.queue_depth(settings.classify_queue) == 0,
+                       reenqueue=reenqueue)

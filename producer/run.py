@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
@@ -15,6 +15,7 @@ from imgq.settings import Settings
 from model.registry import champion_version
 from producer.export import ExportSummary, export_results
 from producer.local import LocalCluster
+from producer.reconcile import stall_repair
 from producer.submit import submit_urls
 from producer.wait import wait_for_job
 
@@ -38,7 +39,9 @@ class RunReport:
 
 
 def run_job(urls: Iterable[str], out: TextIO, *, settings: Settings, workers: int = 1,
-            concurrency: int | None = None, fmt: str = "jsonl", progress: bool = True) -> RunReport:
+            concurrency: int | None = None, fmt: str = "jsonl", progress: bool = True,
+            reread: Callable[[], Iterable[str]] | None = None) -> RunReport:
+    """``reread`` gives the URLs again, for re-enqueuing a stalled job's missing items (None: stdin)."""
     if champion_version(settings.model_dir) is None:
         raise ModelNotFoundError(f"no model in {settings.model_dir}; train one first: imgq train --data demo")
     with LocalCluster(settings, workers=workers, concurrency=concurrency) as cluster:
@@ -47,7 +50,9 @@ def run_job(urls: Iterable[str], out: TextIO, *, settings: Settings, workers: in
         try:
             start = time.monotonic()
             job_id = submit_urls(urls, settings=cluster.settings, store=store, app=cluster.app)
-            status = wait_for_job(store, job_id, progress=progress, alive=cluster.check_alive)
+            repair = None if reread is None else stall_repair(job_id, reread, settings=cluster.settings,
+                                                              store=store, app=cluster.app)
+            status = wait_for_job(store, job_id, progress=progress, alive=cluster.check_alive, repair=repair)
             seconds = time.monotonic() - start
             summary = export_results(store, job_id, out, fmt)
         finally:

@@ -10,9 +10,11 @@ import io
 import json
 import os
 import shutil
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 import pytest
 from celery import Celery
@@ -25,6 +27,7 @@ from model.demo_data import write_imagefolder
 from model.train import TrainConfig, train
 from producer.demo import serve_directory
 from producer.local import WorkerProcess
+from producer.reconcile import stall_repair
 from producer.submit import submit_urls
 from producer.wait import wait_for_job
 from worker.app import create_app
@@ -123,12 +126,17 @@ class Cluster:
     def submit(self, urls: list[str]) -> str:
         return submit_urls(urls, settings=self.settings, store=self.store, app=self.app)
 
-    def wait(self, job_id: str, timeout_s: float = 120.0) -> JobStatus:
+    def wait(self, job_id: str, timeout_s: float = 120.0, *, urls: list[str] | None = None,
+             stream: TextIO = sys.stderr) -> JobStatus:
+        """Wait as `imgq submit --wait` does; given the ``urls`` it also re-enqueues a stalled job's missing items."""
         def alive() -> None:
             if not any(w.proc.poll() is None for w in self.workers):
                 raise AssertionError("no live worker:\n" + "\n".join(w.log_tail() for w in self.workers))
 
-        return wait_for_job(self.store, job_id, progress=False, timeout_s=timeout_s, alive=alive)
+        repair = None if urls is None else stall_repair(job_id, lambda: urls, settings=self.settings,
+                                                        store=self.store, app=self.app)
+        return wait_for_job(self.store, job_id, progress=False, timeout_s=timeout_s, alive=alive, repair=repair,
+                            stream=stream)
 
     def results(self, job_id: str) -> list[dict[str, object]]:
         total = self.store.status(job_id).total

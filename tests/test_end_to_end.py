@@ -92,7 +92,9 @@ def test_worker_killed_mid_job_then_restarted_completes_every_index_once(
     assert killed_at < len(urls), "job finished before the kill; make it longer"
 
     private_cluster.start_worker("survivor@%h")
-    status = private_cluster.wait(job, timeout_s=120)
+    # As `imgq submit --wait` waits: a batch the kill caught between kombu's BRPOP and its unacked record is
+    # lost to the broker, and comes back from the URL list (tests/test_faults.py has that case on its own).
+    status = private_cluster.wait(job, timeout_s=120, urls=urls)
     assert (status.done, status.failed) == (len(urls), 0)
     results = private_cluster.results(job)
     assert [r["index"] for r in results] == list(range(len(urls)))

@@ -9,6 +9,7 @@ dead one's batches, and the test measures that recovery is bounded by IMGQ_VISIB
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import re
 import signal
@@ -124,6 +125,30 @@ def test_worker_sigkilled_survivor_takes_over_within_the_visibility_timeout(
     vt = cluster.settings.visibility_timeout_s
     assert recovery < vt * 1.2 + 15, f"recovery took {recovery:.1f} s with IMGQ_VISIBILITY_TIMEOUT={vt:g}"
     report("worker SIGKILL -> survivor completes the job", recovery)
+
+
+def test_a_batch_lost_between_brpop_and_its_unacked_record_comes_back_from_the_url_list(
+        make_cluster: Callable[..., Cluster], site: tuple[HTTPTestServer, str]) -> None:
+    """kombu pops a message before it records it as unacked: a worker killed in between takes the batch
+    with it, beyond any visibility timeout. The waiting producer re-enqueues what the stalled job misses."""
+    server, label = site
+    cluster = make_cluster()
+    urls = urls_for(server, "/img.png", 100)
+    job = cluster.submit(urls)  # no worker yet: every batch waits in the queue
+    queue = cluster.settings.classify_queue
+    assert cluster.store.r.llen(queue) == -(-len(urls) // cluster.settings.batch_size)
+    assert cluster.store.r.rpop(queue) is not None  # the oldest batch, as a killed worker's BRPOP took it
+    cluster.start_worker()
+    cluster.wait_ready()
+
+    out = io.StringIO()
+    cluster.wait(job, timeout_s=120, urls=urls, stream=out)
+    assert_all_labelled(assert_every_index_once(cluster, job, len(urls)), label)
+    repaired = re.search(r"no progress for (\d+) s and the queue is empty: job \w+: (\d+) of 100 URLs had no "
+                         r"result; enqueued again in 1 batches", out.getvalue())
+    assert repaired, out.getvalue()
+    assert int(repaired[1]) == 2 * cluster.settings.visibility_timeout_s + 10
+    assert int(repaired[2]) == cluster.settings.batch_size
 
 
 def test_sigterm_puts_unfinished_batches_back_at_once_and_a_second_worker_finishes(

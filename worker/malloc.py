@@ -3,9 +3,9 @@
 glibc gives threads their own malloc arenas (up to 8 per core), and a worker's threads (fetch, decode, forward,
 Celery's pool) each churn through ~100 KB-1 MB buffers: every arena keeps its own free space, so RSS crept up
 by 5-6% over the first ~5,000 images after warm-up before it levelled off. With 2 arenas it stayed within
-+-1% (and ~80 MB lower), for ~4% more CPU per image (2 CPU cores, default CNN); with 4 (the default) within
-+-2%, for less of that CPU (threads wait less for a shared arena). A fixed mmap threshold also flattened it,
-but cost ~20% throughput in page faults; a periodic malloc_trim did not keep it as flat. Not glibc (musl,
++-1% (and ~80 MB lower), for up to ~4% more CPU per image (2 CPU cores, default CNN; within run-to-run
+noise in later A/B runs). 4 arenas drifted up to +5%, and a periodic malloc_trim with the default arenas
++3%. A fixed mmap threshold also flattened it, but cost ~20% throughput in page faults. Not glibc (musl,
 macOS): nothing to do.
 """
 

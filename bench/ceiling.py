@@ -26,7 +26,7 @@ import torch
 
 from imgq.settings import Settings
 from model import Classifier
-from worker.decode import decode_image
+from worker.engine import prepare_image
 
 
 @dataclass(frozen=True)
@@ -49,19 +49,13 @@ class CeilingResult:
     cpu_ms_per_image: float  # of the best run: this process's CPU time (all threads) per image
 
 
-def _prepare(model: Classifier, body: bytes, settings: Settings) -> torch.Tensor:
-    image = decode_image(body, max_pixels=settings.max_pixels, formats=settings.image_formats,
-                         draft_size=model.preprocess.size)
-    return model.preprocess(image)
-
-
 def run_once(model: Classifier, bodies: Sequence[bytes], config: Config, *, pool: ThreadPoolExecutor,
              settings: Settings) -> tuple[float, float]:
     """(images/s, CPU ms per image) for one pass over ``bodies``."""
     b = config.batch_size
 
     def submit(i: int) -> list[Future[torch.Tensor]]:
-        return [pool.submit(_prepare, model, body, settings) for body in bodies[i:i + b]]
+        return [pool.submit(prepare_image, body, model, settings) for body in bodies[i:i + b]]
 
     start, cpu = time.perf_counter(), time.process_time()
     with ThreadPoolExecutor(max_workers=max(1, config.forwards)) as forward:

@@ -40,7 +40,7 @@ from imgq.settings import AMP_CHOICES, Settings
 from model.checkpoint import load_checkpoint
 from model.classifier import Classifier, ServingOptions, configure_serving
 from model.registry import champion_version, version_dir
-from worker.decode import decode_image
+from worker.engine import prepare_image
 from worker.gpu_decode import GpuDecoder
 
 
@@ -62,12 +62,7 @@ def timed(fn: Callable[[], Any], repeat: int) -> float:
 
 def cpu_prepare(model: Classifier, bodies: Sequence[bytes], pool: ThreadPoolExecutor,
                 settings: Settings) -> list[torch.Tensor]:
-    def one(body: bytes) -> torch.Tensor:
-        image = decode_image(body, max_pixels=settings.max_pixels, formats=settings.image_formats,
-                             draft_size=model.preprocess.size)
-        return model.preprocess(image)
-
-    return list(pool.map(one, bodies))
+    return list(pool.map(lambda body: prepare_image(body, model, settings), bodies))
 
 
 def gpu_prepare(decoder: GpuDecoder, model: Classifier, bodies: Sequence[bytes], pool: ThreadPoolExecutor,

@@ -54,8 +54,9 @@ class Settings:
     # enough to cover the cores (2 on 2 cores: a forward-bound resnet18 uses both without the barrier
     # stalls of 2 torch threads); on CUDA 1.
     infer_threads: int = field(default=0, metadata=_env("IMGQ_INFER_THREADS"))
-    # glibc malloc arenas per worker process; 0 = glibc's default (8 per core). 2 kept the worker's RSS flat
-    # over 20,000 images (within 1%; +5-6% with the default, up to +5% with 4) (worker/malloc.py).
+    # glibc malloc arenas per worker process, with freed batch buffers kept for reuse (worker/malloc.py);
+    # 0 = glibc's defaults (8 arenas per core, no tuning). 2 kept the worker's RSS flat over 20,000 images
+    # (within 1%; +5-6% with the default, up to +5% with 4).
     malloc_arenas: int = field(default=2, metadata=_env("IMGQ_MALLOC_ARENAS"))
     # Decode/preprocess threads per worker process; 0 = auto: one per core this process may run on
     # (Pillow releases the GIL while decoding).

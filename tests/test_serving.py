@@ -6,6 +6,10 @@ as the plain one. The CUDA tests run only where torch sees a GPU.
 
 from __future__ import annotations
 
+import json
+import platform
+import subprocess
+import sys
 from collections.abc import Sequence
 
 import pytest
@@ -24,6 +28,26 @@ from worker.decode import decode_image
 from worker.gpu_decode import Fallback, GpuDecoder
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+# In a fresh interpreter: configure malloc as a worker does, then allocate and free a block the size of a
+# forward pass's activations, and report where glibc put it and whether it kept the memory afterwards.
+_MALLOC_PROBE = """
+import ctypes, json, sys
+from worker.malloc import configure_malloc
+configure_malloc(int(sys.argv[1]))
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+size = 24 << 20
+p = libc.malloc(size)
+mmapped = bool(ctypes.c_size_t.from_address(p - ctypes.sizeof(ctypes.c_size_t)).value & 2)  # IS_MMAPPED
+libc.free(p)
+class Mallinfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                               "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc.mallinfo2.restype = Mallinfo2
+print(json.dumps({"mmapped": mmapped, "kept": libc.mallinfo2().keepcost >= size}))
+"""
 
 
 def _classifier(device: str = "cpu", **options: object) -> Classifier:
@@ -45,6 +69,20 @@ def test_cpu_auto_gives_each_forward_half_the_cores_and_covers_them(monkeypatch:
         == (3, 1, 5)
     assert (cores.torch_threads(Settings(), gpu), cores.infer_threads(Settings(), gpu)) == (None, 1)
     assert cores.available_cores() >= 1
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the tuning is glibc's")
+def test_worker_malloc_reuses_freed_batch_buffers_instead_of_faulting_them_in_again() -> None:
+    def probe(arenas: int) -> dict[str, bool]:
+        out = subprocess.run([sys.executable, "-c", _MALLOC_PROBE, str(arenas)], check=True, capture_output=True,
+                             text=True).stdout
+        result: dict[str, bool] = json.loads(out)
+        return result
+
+    # glibc's defaults: a fresh mmap per batch buffer, unmapped again on free (page faults every batch)
+    assert probe(0) == {"mmapped": True, "kept": False}
+    # the worker's tuning: from the heap, and the freed memory stays for the next batch
+    assert probe(2) == {"mmapped": False, "kept": True}
 
 
 def test_new_settings_parse_and_name_their_choices() -> None:

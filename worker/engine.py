@@ -25,7 +25,7 @@ from worker.batcher import Batcher, Prediction
 from worker.decode import decode_image
 from worker.fetch import Fetcher
 from worker.gpu_decode import GpuDecoder
-from worker.malloc import limit_arenas
+from worker.malloc import configure_malloc
 from worker.model_watch import ModelWatcher
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ class Engine:
         self.device = resolve_device(settings.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise SettingsError("IMGQ_DEVICE=cuda but torch sees no CUDA device; use auto or cpu")
-        limit_arenas(settings.malloc_arenas)  # before this engine starts its threads
+        configure_malloc(settings.malloc_arenas)  # before this engine starts its threads
         threads = cores.torch_threads(settings, self.device)
         if threads:
             torch.set_num_threads(threads)

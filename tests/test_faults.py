@@ -282,6 +282,7 @@ def test_redis_killed_and_restarted_mid_job_workers_and_producer_reconnect(
     job = cluster.store.recent_jobs(1)[0]
     wait_until(lambda: cluster.store.status(job).done >= 32, 60, "the first batches")
 
+    assert first_redis.proc is not None
     first_redis.proc.kill()  # a crash, not a clean shutdown
     first_redis.proc.wait()
     crashed = time.monotonic()
@@ -326,8 +327,8 @@ def test_every_client_connection_dropped_mid_job_the_job_completes(
     wait_until(lambda: cluster.store.status(job).done >= 32, 60, "the first batches")
     dropped = time.monotonic()
     for _ in range(2):  # twice, a second apart: reconnecting must survive a drop during a reconnect
-        killed = admin.execute_command("CLIENT KILL TYPE normal SKIPME yes")
-        killed += admin.execute_command("CLIENT KILL TYPE pubsub SKIPME yes")
+        killed = int(admin.execute_command("CLIENT KILL TYPE normal SKIPME yes"))  # type: ignore[no-untyped-call]
+        killed += int(admin.execute_command("CLIENT KILL TYPE pubsub SKIPME yes"))  # type: ignore[no-untyped-call]
         assert killed > 0
         time.sleep(1)
     assert cluster.store.status(job).done < len(urls), "job finished before the drop; make it longer"

@@ -364,7 +364,7 @@ def test_imagefolder_with_a_corrupt_file_trains_on_the_rest(tmp_path: Path) -> N
 
     source = load_source(str(data))
     assert len(source) == len(written)
-    assert sorted(path.name for path, _ in source.skipped) == ["broken.jpg", "notes.txt"]
+    assert sorted(Path(path).name for path, _ in source.skipped) == ["broken.jpg", "notes.txt"]
     train_part, val_part = source.split(0.25, seed=0)
     assert len(train_part) + len(val_part) == len(source)
     assert {label for _, label in val_part.items} == set(range(len(CLASSES)))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -12,9 +12,10 @@ import torch
 from imgq.jobs import JobStore
 from imgq.redis_server import RedisServer
 from imgq.throughput import written_last
+from model import Classifier
 from model.registry import load_champion
 from tests.conftest import ImageSite, settings_for
-from worker.batcher import Batcher
+from worker.batcher import Batcher, Prediction
 from worker.engine import Engine
 from worker.pipeline import classify_batch
 
@@ -79,13 +80,14 @@ def test_the_batcher_merges_concurrent_requests_and_never_mixes_models(model_dir
     for model in (a, b):
         original = model.predict
 
-        def spy(batch: torch.Tensor, k: int = 3, _orig=original, _m=model) -> list[list[tuple[str, float]]]:
+        def spy(batch: torch.Tensor, k: int = 3, _orig: Callable[..., list[Prediction]] = original,
+                _m: Classifier = model) -> list[Prediction]:
             seen.append((id(_m), len(batch)))
             return _orig(batch, k=k)
 
         model.predict = spy  # type: ignore[method-assign]
     x = torch.zeros(3, 3, a.preprocess.size, a.preprocess.size)
-    out: dict[int, object] = {}
+    out: dict[int, list[Prediction]] = {}
 
     def ask(i: int) -> None:
         out[i] = batcher.predict(a if i % 2 else b, list(x), 2)
@@ -96,7 +98,7 @@ def test_the_batcher_merges_concurrent_requests_and_never_mixes_models(model_dir
     for t in threads:
         t.join()
     batcher.close()
-    assert all(len(v) == 3 and all(len(p) == 2 for p in v) for v in out.values())  # type: ignore[arg-type]
+    assert all(len(v) == 3 and all(len(p) == 2 for p in v) for v in out.values())
     assert len(seen) < 8  # requests were merged into fewer forward passes
     # Each model saw exactly its own 4 requests x 3 rows: no forward pass mixed the two.
     assert {m: sum(n for mm, n in seen if mm == m) for m, _ in seen} == {id(a): 12, id(b): 12}

@@ -8,7 +8,7 @@
 * Keeping freed memory. With 2 arenas the forward threads share a heap with the decode threads, and glibc
   gave each freed batch of activations (~17 MB for the default CNN at batch 64) back to the kernel whenever
   the top of a heap held more than its trim threshold: every forward pass then faulted its buffers in afresh,
-  60-100 page faults and ~0.15-0.2 ms of kernel time per image (a third of the forward pass's CPU). So
+  60-100 page faults and ~0.15-0.2 ms of kernel time per image (a quarter of the forward pass's CPU). So
   blocks up to 32 MB (the most glibc allows, and where its own adaptive threshold tops out) come from the
   heaps, and a heap keeps up to 64 MB free at its top: the working set is reused instead of re-faulted, and
   RSS is the working set's high-water mark, which is flat. Setting only one of the two fixes the threshold
@@ -42,8 +42,8 @@ def configure_malloc(arenas: int) -> bool:
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        settings = ((_M_ARENA_MAX, arenas), (_M_MMAP_THRESHOLD, MMAP_THRESHOLD), (_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
-        refused = [param for param, value in settings if not libc.mallopt(param, value)]
+        params = ((_M_ARENA_MAX, arenas), (_M_MMAP_THRESHOLD, MMAP_THRESHOLD), (_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+        refused = [param for param, value in params if not libc.mallopt(param, value)]
     except (OSError, AttributeError):
         return False
     if refused:

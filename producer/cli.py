@@ -35,14 +35,14 @@ def _store(settings: Settings) -> JobStore:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from producer.run import open_output, run_job  # keep `imgq status` free of torch
-    from producer.urls import read_urls
+    from producer.urls import read_urls, rereader
 
     settings = _settings(args)
     out = open_output(args.output)
     try:
         report = run_job(read_urls(args.urls), out, settings=settings, workers=args.workers,
                          concurrency=args.concurrency, fmt=args.format, progress=not args.quiet,
-                         reread=None if str(args.urls) == "-" else lambda: read_urls(args.urls))
+                         reread=rereader(args.urls))
     finally:
         if out is not sys.stdout:
             out.close()
@@ -52,7 +52,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     from producer.submit import EnqueueError, submit_urls
-    from producer.urls import read_urls
+    from producer.urls import read_urls, rereader
     from worker.app import create_app
 
     settings = _settings(args)
@@ -65,14 +65,12 @@ def cmd_submit(args: argparse.Namespace) -> int:
         raise
     if args.wait:
         from producer.export import export_results
+        from producer.reconcile import stall_repair
         from producer.run import open_output
         from producer.wait import wait_for_job
 
-        repair = None
-        if str(args.urls) != "-":  # stdin cannot be read again to find what is missing
-            from producer.reconcile import stall_repair
-
-            repair = stall_repair(job_id, lambda: read_urls(args.urls), settings=settings, store=store, app=app)
+        reread = rereader(args.urls)
+        repair = None if reread is None else stall_repair(job_id, reread, settings=settings, store=store, app=app)
         wait_for_job(store, job_id, progress=True, repair=repair)
         out = open_output(args.output)
         try:

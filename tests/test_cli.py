@@ -14,7 +14,7 @@ import pytest
 
 from imgq.errors import SettingsError
 from imgq.settings import Settings
-from producer.urls import read_urls
+from producer.urls import read_urls, rereader
 from tests.conftest import TEST_ENV, Cluster, ImageSite
 
 
@@ -98,3 +98,7 @@ def test_url_files_skip_blanks_and_comments(tmp_path: Path) -> None:
     f = tmp_path / "urls.txt"
     f.write_text("# comment\n\n  http://a/1.jpg  \nhttp://a/2.jpg\n   # indented comment\n")
     assert list(read_urls(f)) == ["http://a/1.jpg", "http://a/2.jpg"]
+    # a waiting producer reads a file again to find what a stalled job is missing; stdin cannot be re-read
+    again = rereader(f)
+    assert again is not None and list(again()) == list(again()) == ["http://a/1.jpg", "http://a/2.jpg"]
+    assert rereader("-") is None

@@ -89,11 +89,12 @@ class Engine:
 
         Metrics: ``fetch`` is until the last body arrived, ``decode`` the decoding still left after that.
         """
-        if self._gpu_decoder is not None:  # decodes a whole batch at once on the GPU
+        if self._gpu_decoder is not None:  # decodes a whole batch's JPEGs at once on the GPU, the rest with Pillow
             with metrics.stage("fetch"):
                 bodies = self.fetch(urls)
             with metrics.stage("decode"):
-                return self.prepare(bodies, model)
+                return self._gpu_decoder.prepare(bodies, model,
+                                                 fallback=lambda rest: self._cpu_prepare(rest, model))
         pending: list[Future[torch.Tensor | ItemError] | ItemError] = [_NOT_FETCHED] * len(urls)
 
         def decode_later(i: int, body: bytes | ItemError) -> None:  # on the event loop: must not block
@@ -105,12 +106,6 @@ class Engine:
             asyncio.run_coroutine_threadsafe(fetched, self._loop).result()
         with metrics.stage("decode"):
             return [p if isinstance(p, ItemError) else p.result() for p in pending]
-
-    def prepare(self, bodies: Sequence[bytes | ItemError], model: Classifier) -> list[torch.Tensor | ItemError]:
-        """Decode and preprocess off the event loop, in the decode pool (JPEGs on the GPU if IMGQ_GPU_DECODE)."""
-        if self._gpu_decoder is not None:
-            return self._gpu_decoder.prepare(bodies, model, fallback=lambda rest: self._cpu_prepare(rest, model))
-        return self._cpu_prepare(bodies, model)
 
     def _cpu_prepare(self, bodies: Sequence[bytes | ItemError], model: Classifier) -> list[torch.Tensor | ItemError]:
         return list(self._decode_pool.map(lambda body: self._prepare_one(body, model), bodies))

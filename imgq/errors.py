@@ -11,6 +11,7 @@ human-readable message. The codes are a stable contract (README, "Error codes");
     too_large        the body exceeds IMGQ_MAX_BYTES, or the image exceeds IMGQ_MAX_PIXELS
     not_an_image     the bytes are not one of the allowed image formats (by magic bytes, not Content-Type)
     decode_error     an allowed format, but truncated or corrupt
+    too_complex      decoding would cost more CPU than one image may (IMGQ_MAX_JPEG_SCANS, IMGQ_DECODE_TIMEOUT)
     worker_lost      the batch was delivered IMGQ_MAX_DELIVERIES times and never finished (a worker kept dying)
     internal         an unexpected bug in imgq; the message carries the exception
 """
@@ -30,6 +31,7 @@ class ErrorCode(StrEnum):
     TOO_LARGE = "too_large"
     NOT_AN_IMAGE = "not_an_image"
     DECODE_ERROR = "decode_error"
+    TOO_COMPLEX = "too_complex"
     WORKER_LOST = "worker_lost"
     INTERNAL = "internal"
 

@@ -92,7 +92,23 @@ class Settings:
     # bounds how long a batch held by a dead worker waits (kombu's default is 1 h). It must exceed the
     # task time limit, or live tasks would be redelivered in a loop (celery#5935).
     visibility_timeout_s: float = field(default=300.0, metadata=_env("IMGQ_VISIBILITY_TIMEOUT"))
+    # The time bound of one batch, enforced by the pipeline itself (Celery's threads pool enforces no time
+    # limit): fetches still running at the batch's fetch deadline end as `timeout`, decodes as `too_complex`.
     task_time_limit_s: float = field(default=240.0, metadata=_env("IMGQ_TASK_TIME_LIMIT"))
+    # A live worker holds a lease on each batch it works on and renews it every lease/3 s; a redelivered copy
+    # of a leased batch waits for the holder instead of counting as a lost delivery. A dead worker's lease
+    # expires after this long. Also the retrain lock's lease (a killed trainer frees it this soon).
+    lease_s: float = field(default=30.0, metadata=_env("IMGQ_LEASE"))
+    # How often one classify worker (a Redis lock picks it) looks for batches that are nowhere: not queued,
+    # not unacked, not leased, yet unfinished (a batch lost between kombu's BRPOP and its unacked record).
+    # Such a batch seen in two sweeps in a row is enqueued again from the payload kept in Redis.
+    sweep_interval_s: float = field(default=30.0, metadata=_env("IMGQ_SWEEP_INTERVAL"))
+    # CPU one image may cost: decoding longer than this ends the item as `too_complex` (its thread runs on).
+    decode_timeout_s: float = field(default=10.0, metadata=_env("IMGQ_DECODE_TIMEOUT"))
+    # Progressive JPEGs with more scans than this are refused before decoding (`too_complex`): each scan is
+    # a pass over the whole image, and a crafted file of a few KB can carry thousands. Cameras and encoders
+    # write 1 (baseline) to ~12; libjpeg-turbo's own tools suggest a limit of 500 against this attack.
+    max_jpeg_scans: int = field(default=100, metadata=_env("IMGQ_MAX_JPEG_SCANS"))
     # After this many deliveries a batch's unfinished items get worker_lost (a poison item).
     max_deliveries: int = field(default=3, metadata=_env("IMGQ_MAX_DELIVERIES"))
     # Job keys expire: Redis memory stays bounded. 7 days is long enough to fetch results after a weekend.
@@ -189,7 +205,8 @@ def _validate(s: Settings) -> None:
         fail("redis_url", "must start with redis://, rediss:// or unix://")
     positive = ("retrain_epochs", "batch_size", "infer_batch", "topk", "concurrency", "fetch_timeout_s",
                 "connect_timeout_s", "max_bytes", "max_pixels", "fetch_concurrency", "per_host_concurrency",
-                "visibility_timeout_s", "task_time_limit_s", "max_deliveries", "job_ttl_s", "max_queue_depth")
+                "visibility_timeout_s", "task_time_limit_s", "max_deliveries", "job_ttl_s", "max_queue_depth",
+                "lease_s", "sweep_interval_s", "decode_timeout_s", "max_jpeg_scans")
     for name in positive:
         if getattr(s, name) <= 0:
             fail(name, "must be > 0")
@@ -204,6 +221,13 @@ def _validate(s: Settings) -> None:
     if s.task_time_limit_s >= s.visibility_timeout_s:
         fail("task_time_limit_s", f"must be below IMGQ_VISIBILITY_TIMEOUT ({s.visibility_timeout_s:g} s), "
              "or a running batch would be delivered again while it still runs")
+    # Every setting that bounds one batch must fit inside the batch bound, which must fit inside the
+    # visibility timeout: then a live worker's batch is done before kombu would deliver it again.
+    for name in ("fetch_timeout_s", "decode_timeout_s"):
+        if getattr(s, name) >= s.task_time_limit_s:
+            fail(name, f"must be below IMGQ_TASK_TIME_LIMIT ({s.task_time_limit_s:g} s), the time bound of a batch")
+    if s.lease_s >= s.visibility_timeout_s:
+        fail("lease_s", f"must be below IMGQ_VISIBILITY_TIMEOUT ({s.visibility_timeout_s:g} s)")
     for net in s.allow_networks:
         try:
             ipaddress.ip_network(net, strict=False)

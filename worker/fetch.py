@@ -11,6 +11,8 @@ One :class:`Fetcher` per worker process holds one ``aiohttp.ClientSession`` (kee
 * runs under one deadline, ``fetch_timeout_s``, covering connect, redirects and body (``timeout``), so a
   1-byte-per-second trickle ends there. Waiting for a free connection slot happens *before* the deadline
   starts, so a long batch does not time out items that never got a turn;
+* ends, in :meth:`Fetcher.fetch_many`, by the batch's deadline when one is given: a URL still waiting for a
+  slot or still downloading then is cancelled (``timeout``, naming IMGQ_TASK_TIME_LIMIT and which it was);
 * streams the body and stops at ``max_bytes`` (``too_large``); a ``Content-Length`` above the cap fails before
   reading. Memory stays at most ``max_bytes`` plus one chunk per fetch.
 
@@ -29,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import zlib
 from collections.abc import AsyncIterator, Callable, Sequence
 from types import TracebackType
@@ -147,12 +150,17 @@ class Fetcher:
             await self._session.close()
             self._session = None
 
-    async def fetch(self, url: str) -> bytes:
-        """The body of ``url`` (a 2xx answer, at most ``max_bytes``), or ItemError saying why not."""
+    async def fetch(self, url: str, *, on_slot: Callable[[], None] | None = None) -> bytes:
+        """The body of ``url`` (a 2xx answer, at most ``max_bytes``), or ItemError saying why not.
+
+        ``on_slot()`` is called once the fetch has its connection slots, when its own deadline starts.
+        """
         if self._session is None or self._slots is None:
             raise RuntimeError("Fetcher is not open: use `async with Fetcher(settings) as fetcher`")
         target = validate_url(url)
         async with self._host_slot(target), self._slots:
+            if on_slot is not None:
+                on_slot()
             try:
                 async with asyncio.timeout(self._settings.fetch_timeout_s):
                     return await self._fetch(self._session, target)
@@ -163,17 +171,32 @@ class Fetcher:
                 ) from None
 
     async def fetch_many(self, urls: Sequence[str], *,
-                         on_result: Callable[[int, bytes | ItemError], None] | None = None) -> list[bytes | ItemError]:
+                         on_result: Callable[[int, bytes | ItemError], None] | None = None,
+                         deadline: float | None = None) -> list[bytes | ItemError]:
         """Fetch concurrently; one entry per URL in the same order, each the body or its ItemError.
 
         ``on_result(i, body_or_error)`` is called on the event loop as each URL finishes, so a caller can
-        start on early bodies while the rest download; it must not block.
+        start on early bodies while the rest download; it must not block. ``deadline``: a ``time.monotonic()``
+        instant (the batch's budget, less the time kept for decoding) when fetches still running are
+        cancelled and end as ``timeout``; this returns by then.
         """
+        loop = asyncio.get_running_loop()
+        # The loop's clock is monotonic too, but not promised to be time.monotonic itself: convert.
+        when = None if deadline is None else loop.time() + (deadline - time.monotonic())
 
         async def one(i: int, url: str) -> bytes | ItemError:
             result: bytes | ItemError
+            had_slot = False
+
+            def slot_taken() -> None:
+                nonlocal had_slot
+                had_slot = True
+
             try:
-                result = await self.fetch(url)
+                async with asyncio.timeout_at(when):
+                    result = await self.fetch(url, on_slot=slot_taken)
+            except TimeoutError:  # the batch's deadline; the fetch's own one is an ItemError already
+                result = self._out_of_budget(url, had_slot)
             except ItemError as exc:
                 result = exc
             except Exception as exc:  # a bug must cost one item, not the batch
@@ -184,6 +207,18 @@ class Fetcher:
             return result
 
         return list(await asyncio.gather(*(one(i, u) for i, u in enumerate(urls))))
+
+    def _out_of_budget(self, url: str, had_slot: bool) -> ItemError:
+        s = self._settings
+        where = ("it was still downloading" if had_slot else
+                 "it was still waiting for a connection slot (IMGQ_PER_HOST_CONCURRENCY="
+                 f"{s.per_host_concurrency}, IMGQ_FETCH_CONCURRENCY={s.fetch_concurrency})")
+        return ItemError(
+            ErrorCode.TIMEOUT,
+            f"{url}: the batch's time budget (IMGQ_TASK_TIME_LIMIT={s.task_time_limit_s:g}s, of which the last "
+            f"IMGQ_DECODE_TIMEOUT={s.decode_timeout_s:g}s are kept for decoding) ran out before this URL was "
+            f"fetched: {where}",
+        )
 
     @contextlib.asynccontextmanager
     async def _host_slot(self, url: yarl.URL) -> AsyncIterator[None]:

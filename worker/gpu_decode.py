@@ -1,12 +1,14 @@
 """JPEG decode and preprocessing on the GPU (nvJPEG through torchvision), when ``IMGQ_GPU_DECODE`` is on.
 
 A JPEG body gets the same checks as on the Pillow path first (allowed format by magic bytes, size within
-``IMGQ_MAX_PIXELS`` from the header, nothing decoded yet), then a batch is decoded in one nvJPEG call,
-resized with antialiased bilinear and normalised on the GPU. Everything else goes to Pillow (``fallback``):
-other formats, bodies that fail a check, JPEGs with an EXIF orientation (torchvision applies it on CPU
-only), and JPEGs nvJPEG refuses (e.g. corrupt), so every image is upright and every error keeps the code
-the Pillow path gives it. (torchvision 0.29 marks its image decoders deprecated in favour of TorchCodec and
-warns once.)
+``IMGQ_MAX_PIXELS`` from the header, at most ``IMGQ_MAX_JPEG_SCANS`` scans, nothing decoded yet), then a
+batch is decoded in one nvJPEG call, resized with antialiased bilinear and normalised on the GPU. Everything
+else goes to Pillow (``fallback``): other formats, bodies that fail a check (Pillow refuses them with its
+code, e.g. ``too_complex``), JPEGs with an EXIF orientation (torchvision applies it on CPU only), and JPEGs
+nvJPEG refuses (e.g. corrupt), so every image is upright and every error keeps the code the Pillow path
+gives it. The fallback runs in the engine's decode pool under the batch's deadline; the nvJPEG call itself
+cannot be stopped, which is why the structural checks (:func:`worker.decode.check_complexity`) come first.
+(torchvision 0.29 marks its image decoders deprecated in favour of TorchCodec and warns once.)
 
 The GPU resize matches Pillow's to within rounding, not bit for bit, which is why this is opt-in.
 """
@@ -25,7 +27,7 @@ from torchvision.transforms.v2 import functional as F
 from imgq.errors import ItemError
 from imgq.settings import Settings
 from model import Classifier
-from worker.decode import sniff_format
+from worker.decode import check_complexity, sniff_format
 
 _ORIENTATION = 0x0112  # EXIF tag
 Prepared = torch.Tensor | ItemError
@@ -56,6 +58,10 @@ class GpuDecoder:
 
     def _accepts(self, body: bytes) -> bool:
         if "JPEG" not in self.settings.image_formats or sniff_format(body) != "JPEG":
+            return False
+        try:  # before Pillow parses the header below, and nvJPEG decodes every scan (neither can be stopped)
+            check_complexity(body, "JPEG", self.settings.max_jpeg_scans)
+        except ItemError:
             return False
         try:
             header = Image.open(io.BytesIO(body), formats=["JPEG"])  # reads the header, decodes nothing

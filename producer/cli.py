@@ -106,7 +106,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     report = reconcile_job(args.job, read_urls(args.urls), settings=settings, store=_store(settings),
-                           app=create_app(settings), dry_run=args.dry_run)
+                           app=create_app(settings), dry_run=args.dry_run, source=args.urls)
     print(report.describe())
     return 0
 
@@ -175,13 +175,19 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if settings.classify_queue in queues.split(",") and champion_version(settings.model_dir) is None:
         raise ImgqError(f"no model in {settings.model_dir} ({settings.env_name('model_dir')}); "
                         "train one first: imgq train --data demo")
-    from worker.app import app
+    from worker.app import EXIT_RETRY, app, stop_was_requested
 
     argv = ["worker", f"--loglevel={args.loglevel}", "-Q", queues, "-c", str(settings.concurrency)]
     if args.name:
         argv += ["-n", args.name]
-    app.worker_main(argv)
-    return 0
+    app.worker_main(argv)  # returns when the worker stops; Celery's exit code is not handed back
+    if stop_was_requested():
+        return 0
+    # Stopped on its own (e.g. kombu's ack refused by a Redis at maxmemory): never exit 0 then, or a
+    # restart policy keyed on failure would leave the deployment with one worker fewer.
+    print(f"imgq worker: the worker stopped without being asked to (see the error above); exiting {EXIT_RETRY} "
+          "so that it is restarted", file=sys.__stderr__, flush=True)  # Celery may still redirect sys.stderr
+    return EXIT_RETRY
 
 
 def _retrain_request(args: argparse.Namespace) -> Any:

@@ -19,7 +19,7 @@ from celery import Celery
 from imgq.errors import ImgqError
 from imgq.redis_server import RedisServer
 from imgq.settings import Settings
-from worker.app import create_app
+from worker.app import EXIT_REFUSED, create_app
 
 
 def worker_command(*, concurrency: int | None = None, name: str | None = None,
@@ -50,6 +50,10 @@ class WorkerProcess:
 
     def check_alive(self) -> None:
         code = self.proc.poll()
+        if code == EXIT_REFUSED:  # it said why in one line: that line is the whole story
+            said = [line for line in self.log_tail(200).splitlines() if line.startswith("imgq worker: ")]
+            if said:
+                raise ImgqError(f"worker {self.name} refused to start: {said[-1].removeprefix('imgq worker: ')}")
         if code is not None:
             raise ImgqError(f"worker {self.name} exited with code {code}:\n{self.log_tail()}")
 

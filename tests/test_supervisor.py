@@ -1,8 +1,9 @@
 """`imgq worker --gpus/--processes`: real child `imgq worker` processes, checked from the outside.
 
-No GPU is needed: a child pinned to a GPU id that does not exist simply serves on CPU, which is enough to
-check what each child was given (CUDA_VISIBLE_DEVICES, node name, metrics port, CPU affinity) and that the
-supervisor itself never loads torch (so it cannot have touched CUDA).
+No GPU is needed: with IMGQ_DEVICE=cpu set explicitly, a child pinned to a GPU id that does not exist serves on
+CPU, which is enough to check what each child was given (CUDA_VISIBLE_DEVICES, node name, metrics port, CPU
+affinity) and that the supervisor itself never loads torch (so it cannot have touched CUDA). Without that
+setting a GPU child requires CUDA (tests/test_startup_and_input.py).
 """
 
 from __future__ import annotations
@@ -120,7 +121,7 @@ def _env(redis_url: str, model_dir: Path, **extra: str) -> dict[str, str]:
 def test_gpus_all_starts_one_named_pinned_worker_per_visible_gpu(redis_url: str, model_dir: Path,
                                                                  tmp_path: Path) -> None:
     port = _port_pair()
-    sup = Supervised(["--gpus", "all"], _env(redis_url, model_dir, CUDA_VISIBLE_DEVICES="3,5",
+    sup = Supervised(["--gpus", "all"], _env(redis_url, model_dir, CUDA_VISIBLE_DEVICES="3,5", IMGQ_DEVICE="cpu",
                                              IMGQ_METRICS_PORT=str(port)), tmp_path / "sup.log")
     app = create_app(Settings.from_env({"IMGQ_REDIS_URL": redis_url}))
     try:

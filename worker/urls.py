@@ -2,7 +2,8 @@
 
 Only absolute ``http``/``https`` URLs with a plain host pass: no other scheme (``file:``, ``gopher:``,
 ``redis:``... are the classic SSRF vectors, cf. TorchServe CVE-2023-43654), no ``user:password@``, no port 0 or
-out-of-range port, no whitespace or control characters, at most :data:`MAX_URL_LENGTH` characters.
+out-of-range port, no whitespace or control characters, no U+FFFD (a decoder's replacement character: the
+text was mangled before it reached imgq), at most :data:`MAX_URL_LENGTH` characters.
 
 Numeric IPv4 hosts in legacy spellings (``2130706433``, ``0x7f000001``, ``0177.0.0.1``, ``127.1``) are
 rewritten to dotted-quad form, as browsers do, so the address guard sees the address the socket would reach.
@@ -23,6 +24,9 @@ from worker.netguard import parse_ipv4_host
 # Browsers and CDNs handle ~2 KB reliably; anything longer in a batch of image URLs is junk or an attack.
 MAX_URL_LENGTH = 2048
 SCHEMES = ("http", "https")
+
+# What a decoder puts where bytes were not valid text: a URL holding it was changed on the way, never fetched.
+_REPLACEMENT = "\ufffd"
 
 # After IDNA encoding yarl's raw_host is ASCII and lower-case. Underscores occur in real hostnames.
 _LABEL = re.compile(r"(?!-)[a-z0-9_-]{1,63}(?<!-)", re.ASCII)
@@ -54,6 +58,9 @@ def validate_url(url: str) -> yarl.URL:
         raise ItemError(ErrorCode.INVALID_URL, "empty URL")
     if len(url) > MAX_URL_LENGTH:
         raise _invalid(url, f"URL is {len(url)} characters long; the limit is {MAX_URL_LENGTH}")
+    if _REPLACEMENT in url:
+        raise _invalid(url, "contains U+FFFD, the replacement character: the text was not valid where it came "
+                       "from (e.g. a URL file that is not UTF-8), so this is not the URL that was meant")
     bad = _bad_char(url)
     if bad is not None:
         raise _invalid(url, f"contains whitespace or a control character ({bad!r}); percent-encode it")

@@ -1,28 +1,47 @@
-"""Which model version is the champion: a pointer in Redis, mirrored on disk, with a history for rollback.
+"""Which model version is the champion: one pointer and its history, in Redis when there is one, mirrored on disk.
 
     Redis  imgq:champion                 version id that workers serve (checked between batches)
-    disk   MODEL_DIR/CHAMPION            the same id (model.registry), so `imgq run` and a fresh Redis agree
-    disk   MODEL_DIR/CHAMPION_HISTORY    one promoted version a line, oldest first: `rollback` pops the last
+    Redis  imgq:champion:history         LIST of promoted versions, oldest first: `rollback` goes back one
+    disk   MODEL_DIR/CHAMPION            the mirror of both (model.registry), so `imgq run`, `imgq train`
+    disk   MODEL_DIR/CHAMPION_HISTORY    and a fresh Redis find the same champion
 
-Writes go to disk first, then Redis. A Redis without the key (new, or flushed) is seeded from disk.
+With Redis, Redis is the source of truth and every change (promote, rollback, the gate's compare-and-set)
+is one WATCH/MULTI transaction over both keys; the disk mirror is then written from the state committed.
+Without Redis (local `imgq train`), the files are the truth. Either way the change runs under the
+exclusive flock of MODEL_DIR/CHAMPION.lock, taken before anything is read, so changes are serialised and
+the last mirror written is the latest state. A Redis without the keys (new, or flushed) is seeded from
+disk inside the same transaction.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import secrets
+from collections.abc import Callable
 from pathlib import Path
 
 import redis
 
 from imgq.errors import ImgqError
 from model import registry
+from model.registry import ChampionState
 
 CHAMPION_KEY = "imgq:champion"
-HISTORY_FILE = "CHAMPION_HISTORY"
+HISTORY_KEY = "imgq:champion:history"
+HISTORY_FILE = registry.HISTORY_FILE
+# WATCH conflicts come only from writers on another host (ours wait on the flock): a few retries suffice.
+_MAX_ATTEMPTS = 50
 
 log = logging.getLogger(__name__)
+
+Transition = Callable[[ChampionState], ChampionState]
+
+
+class _Conflict(Exception):
+    """The champion is not the one a compare-and-set expected."""
+
+    def __init__(self, current: str | None) -> None:
+        super().__init__(current)
+        self.current = current
 
 
 class Champion:
@@ -31,52 +50,119 @@ class Champion:
         self.r = client
 
     def get(self) -> str | None:
+        """The champion now (one GET when Redis has it: workers call this between batches)."""
         if self.r is not None:
             raw = self.r.get(CHAMPION_KEY)
             if raw is not None:
-                return bytes(raw).decode()  # type: ignore[arg-type]
-        version = registry.champion_version(self.model_dir)
-        if version is not None and self.r is not None:
-            self.r.set(CHAMPION_KEY, version, nx=True)
-        return version
+                return _text(raw)
+        return self.state().pointer
+
+    def state(self) -> ChampionState:
+        """The pointer and history, read together (seeding an empty Redis from disk)."""
+        if self.r is not None:
+            with self.r.pipeline(transaction=True) as pipe:
+                pipe.get(CHAMPION_KEY)
+                pipe.lrange(HISTORY_KEY, 0, -1)
+                raw, history = pipe.execute()
+            if raw is not None and history:
+                return ChampionState(_text(raw), tuple(_text(v) for v in history))
+        try:
+            return self._change(lambda state: state)
+        except OSError as exc:  # a read-only MODEL_DIR: no lock, no mirror; read the files as they are
+            log.warning("cannot lock %s (%s): reading the champion files unlocked", self.model_dir, exc)
+            return registry.read_champion_state(self.model_dir)
 
     def set(self, version: str) -> None:
         """Promote ``version`` (it must be published); records it in the history."""
-        history = self.history()  # before the pointer moves: without a file, history is the current champion
-        registry.set_champion(self.model_dir, version)
-        if not history or history[-1] != version:
-            self._write_history([*history, version])
-        if self.r is not None:
-            self.r.set(CHAMPION_KEY, version)
+        registry.require_published(self.model_dir, version)
+        self._change(lambda state: _promoted(state, version))
+
+    def promote_if(self, version: str, *, expected: str | None) -> tuple[bool, str | None]:
+        """Compare-and-set: promote ``version`` only if the champion is still ``expected`` (None: no champion).
+
+        Returns (promoted, the champion now).
+        """
+        registry.require_published(self.model_dir, version)
+
+        def step(state: ChampionState) -> ChampionState:
+            if state.pointer != expected:
+                raise _Conflict(state.pointer)
+            return _promoted(state, version)
+
+        try:
+            return True, self._change(step).pointer
+        except _Conflict as conflict:
+            return False, conflict.current
 
     def rollback(self) -> str:
         """Back to the champion before the current one; returns it."""
-        history = self.history()
-        current = self.get()
-        while history and history[-1] == current:
-            history.pop()
-        if not history:
-            raise ImgqError(f"no earlier champion to roll back to in {self.model_dir / HISTORY_FILE}")
-        previous = history[-1]
-        registry.set_champion(self.model_dir, previous)
-        self._write_history(history)
-        if self.r is not None:
-            self.r.set(CHAMPION_KEY, previous)
-        return previous
+        def step(state: ChampionState) -> ChampionState:
+            history = list(state.history)
+            while history and history[-1] == state.pointer:
+                history.pop()
+            if not history:
+                where = f"Redis {HISTORY_KEY}" if self.r is not None else str(self.model_dir / HISTORY_FILE)
+                raise ImgqError(f"no earlier champion to roll back to in {where}")
+            registry.require_published(self.model_dir, history[-1])
+            return ChampionState(history[-1], tuple(history))
+
+        pointer = self._change(step).pointer
+        assert pointer is not None  # a rollback always lands on a version
+        return pointer
 
     def history(self) -> list[str]:
-        try:
-            text = (self.model_dir / HISTORY_FILE).read_text(encoding="utf-8")
-        except FileNotFoundError:
-            current = registry.champion_version(self.model_dir)
-            return [current] if current else []
-        return [line.strip() for line in text.splitlines() if line.strip()]
+        return list(self.state().history)
 
-    def _write_history(self, versions: list[str]) -> None:
-        path = self.model_dir / HISTORY_FILE
-        tmp = path.with_name(f".{HISTORY_FILE}.tmp-{secrets.token_hex(4)}")
-        tmp.write_text("".join(v + "\n" for v in versions), encoding="utf-8")
-        os.replace(tmp, path)
+    def _change(self, step: Transition) -> ChampionState:
+        """Apply ``step`` to the truth atomically and mirror the result on disk, all under the flock."""
+        with registry.champion_lock(self.model_dir):
+            disk = registry.read_champion_state(self.model_dir)
+            new = step(disk) if self.r is None else self._commit(step, disk)
+            if new != disk:
+                registry.write_champion_state(self.model_dir, new)
+            return new
+
+    def _commit(self, step: Transition, disk: ChampionState) -> ChampionState:
+        assert self.r is not None
+        with self.r.pipeline() as pipe:
+            for _ in range(_MAX_ATTEMPTS):
+                try:
+                    pipe.watch(CHAMPION_KEY, HISTORY_KEY)  # type: ignore[no-untyped-call]
+                    raw = pipe.get(CHAMPION_KEY)
+                    stored = ChampionState(None if raw is None else _text(raw),
+                                           tuple(_text(v) for v in pipe.lrange(HISTORY_KEY, 0, -1)))
+                    new = step(_from_redis(stored, disk))
+                    if new.pointer is None or new == stored:
+                        pipe.reset()
+                        return new
+                    pipe.multi()
+                    pipe.set(CHAMPION_KEY, new.pointer)
+                    pipe.delete(HISTORY_KEY)
+                    pipe.rpush(HISTORY_KEY, *new.history)
+                    pipe.execute()
+                    return new
+                except redis.WatchError:
+                    continue
+        raise ImgqError(f"the champion in Redis kept changing under {_MAX_ATTEMPTS} attempts to update it")
+
+
+def _from_redis(stored: ChampionState, disk: ChampionState) -> ChampionState:
+    """What Redis holds; the disk's state where Redis has no pointer; a history that ends at the pointer."""
+    if stored.pointer is None:
+        return disk
+    history = stored.history or disk.history  # a Redis from before the history key
+    if history[-1:] != (stored.pointer,):
+        history = (*history, stored.pointer)
+    return ChampionState(stored.pointer, history)
+
+
+def _text(raw: object) -> str:
+    return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+
+def _promoted(state: ChampionState, version: str) -> ChampionState:
+    history = state.history if state.history[-1:] == (version,) else (*state.history, version)
+    return ChampionState(version, history)
 
 
 def connect_optional(url: str) -> redis.Redis | None:

@@ -17,6 +17,7 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, TextIO
 
+from imgq.champion import Champion
 from imgq.settings import Settings
 from model.demo_data import write_imagefolder
 from model.registry import champion_version
@@ -62,7 +63,9 @@ def run_demo(settings: Settings, out: TextIO, *, per_class: int = 20, show: int 
             out.write(f"  epoch {e.epoch}: loss {e.train_loss:.3f}, val accuracy {e.val_accuracy:.3f} "
                       f"({e.seconds:.1f} s)\n")
 
-        result = train(TrainConfig(source="demo"), settings.model_dir, on_epoch=show_epoch)
+        result = train(TrainConfig(source="demo"), settings.model_dir, on_epoch=show_epoch, promote=False)
+        # The one promotion path, on disk only: the demo's job runs on a private Redis seeded from this directory.
+        Champion(settings.model_dir).set(result.version)
         out.write(f"Trained model {result.version}: val accuracy {result.val_accuracy:.3f}\n")
     settings = settings.replace(allow_networks=tuple(sorted({*settings.allow_networks, *LOOPBACK})))
     with tempfile.TemporaryDirectory(prefix="imgq-demo-") as tmp:

@@ -47,6 +47,7 @@ def describe_outcome(outcome: dict[str, Any]) -> str:
 
 def follow_retrain(settings: Settings, run_id: str, out: TextIO = sys.stdout,
                    timeout_s: float | None = None) -> dict[str, Any]:
+    """Print a run's progress until its final event (`failed`, "trainer died", if its trainer was killed)."""
     client = connect_optional(settings.redis_url)
     if client is None:
         raise ConnectionError(f"cannot reach Redis at {settings.redis_url}")
@@ -54,6 +55,8 @@ def follow_retrain(settings: Settings, run_id: str, out: TextIO = sys.stdout,
         for event in EventLog(client, run_id).follow(timeout_s=timeout_s):
             if event["event"] == "epoch":
                 print(describe_epoch(event), file=out, flush=True)
+            elif event["event"] == "previous_died":
+                print(event["reason"], file=out, flush=True)
             elif event["event"] in ("done", "skipped", "failed"):
                 print(describe_outcome(event), file=out, flush=True)
                 return event

@@ -3,23 +3,35 @@
     imgq:jobs                      ZSET   job id -> created (unix s), for `imgq status` without a job
     imgq:job:<id>                  HASH   total, batches, submitted (0/1), created, finished, failed, ...
     imgq:job:<id>:results          HASH   index -> result record (JSON); first write wins
-    imgq:job:<id>:deliveries       HASH   batch id -> times a worker started it
+    imgq:job:<id>:deliveries       HASH   batch id -> times a worker started it (a lease it took, not a copy it saw)
     imgq:job:<id>:dead             LIST   batches given up after too many deliveries (JSON)
+    imgq:job:<id>:pending          HASH   batch id -> its (index, URL) pairs (JSON), until its results are written
+    imgq:job:<id>:lease:<batch>    STRING the token of the delivery working on the batch; PX IMGQ_LEASE, renewed
+    imgq:active                    SET    job ids that may have pending batches (what the sweep looks at)
+    imgq:sweep:lock                STRING held by the worker sweeping now; PX IMGQ_SWEEP_INTERVAL, never released
+    imgq:sweep:suspects            SET    "<job> <batch>" found nowhere by the last sweep
     imgq:written:<window>          STRING results written per 10 s window (imgq.throughput)
     imgq:champion                  STRING the champion model version (imgq.champion)
 
+kombu's own keys that the sweep reads: the queue list (named as the queue) and ``unacked`` (HASH delivery
+tag -> the message a worker holds).
+
 Results are written with HSETNX inside one Lua script per batch, so a redelivered batch can neither
-double-count nor overwrite a result, and the write is one round trip. Every key carries the job TTL.
+double-count nor overwrite a result, and the write is one round trip. Every ``imgq:job:<id>*`` key carries
+a TTL (the job's, or the lease's). Every script that writes a job's keys first checks that the job hash
+exists: a write for a job Redis no longer knows (expired, or lost in a restart without persistence) writes
+nothing, so it can never leave keys without the job record or without a TTL.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import redis
 
@@ -30,13 +42,23 @@ PREFIX = "imgq"
 _JOBS_INDEX = f"{PREFIX}:jobs"
 # Keep the recent-jobs index from growing without bound.
 _JOBS_INDEX_MAX = 1000
+ACTIVE_JOBS = f"{PREFIX}:active"
+SWEEP_LOCK = f"{PREFIX}:sweep:lock"
+SWEEP_SUSPECTS = f"{PREFIX}:sweep:suspects"
+# kombu's Redis transport keeps delivered-but-unacknowledged messages in this hash (its default unacked_key).
+KOMBU_UNACKED = "unacked"
+# What `imgq submit` prints as a job id (uuid4().hex).
+_JOB_ID = re.compile(r"[0-9a-f]{32}")
 
-# KEYS: results hash, job hash, throughput window counter. ARGV: ttl, window ttl, then (index, record json,
-# is_error) triples.
+# KEYS: results, job hash, throughput window, pending, lease, dead list, active set. ARGV: ttl, window ttl, job
+# id, batch id ('' for none), lease token ('' for none), dead-letter entry ('' for none), then (index, record
+# json, is_error) triples. -1: the job hash is gone, nothing written. Writing a batch's results ends it: its
+# pending payload goes, and its lease if it is still this delivery's.
 _WRITE_RESULTS = """
+if redis.call('EXISTS', KEYS[2]) == 0 then return -1 end
 local written = 0
 local failed = 0
-for i = 3, #ARGV, 3 do
+for i = 7, #ARGV, 3 do
   if redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1]) == 1 then
     written = written + 1
     if ARGV[i + 2] == '1' then failed = failed + 1 end
@@ -48,20 +70,109 @@ if written > 0 then
   redis.call('INCRBY', KEYS[3], written)
   redis.call('EXPIRE', KEYS[3], ARGV[2])
 end
+if ARGV[6] ~= '' then
+  redis.call('RPUSH', KEYS[6], ARGV[6])
+  redis.call('EXPIRE', KEYS[6], ARGV[1])
+end
+if ARGV[4] ~= '' and redis.call('HDEL', KEYS[4], ARGV[4]) == 1 and redis.call('EXISTS', KEYS[4]) == 0 then
+  redis.call('SREM', KEYS[7], ARGV[3])
+end
+if ARGV[5] ~= '' and redis.call('GET', KEYS[5]) == ARGV[5] then redis.call('DEL', KEYS[5]) end
 return written
 """
 
-# KEYS: job hash, queue list. ARGV: new items, bytes the message needs. Counts a batch only if Redis has room
-# for its message: the send that would follow is then not refused for memory, so the count stays true.
+# KEYS: job hash, queue list, pending, active set. ARGV: new items, bytes the message needs, batch payload
+# ('' for none), ttl, job id. Counts a batch only if Redis has room for its message: the send that would
+# follow is then not refused for memory, so the count stays true. Keeps the payload until the batch's results
+# are written, so a batch the broker lost can be sent again without the user's file.
 _RESERVE_BATCH = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {-2, 0, 0} end
 local info = redis.call('INFO', 'memory')
 local used = tonumber(string.match(info, 'used_memory:(%d+)'))
 local max = tonumber(string.match(info, 'maxmemory:(%d+)'))
 if max > 0 and used + tonumber(ARGV[2]) > max then return {-1, used, max} end
 redis.call('HINCRBY', KEYS[1], 'total', ARGV[1])
 local batches = redis.call('HINCRBY', KEYS[1], 'batches', 1)
+if ARGV[3] ~= '' then
+  redis.call('HSET', KEYS[3], batches - 1, ARGV[3])
+  redis.call('EXPIRE', KEYS[3], ARGV[4])
+  redis.call('SADD', KEYS[4], ARGV[5])
+end
 return {batches - 1, redis.call('LLEN', KEYS[2]), max}
 """
+
+# KEYS: job hash, results, lease, deliveries, pending, active set. ARGV: token, lease ms, ttl, batch id, take
+# over (1/0), job id, then the batch's indices. -1: job gone; 0: every item has a result (a copy of a finished
+# batch: not a delivery); -2: another delivery holds the lease; n > 0: leased, and this is delivery n.
+_CLAIM_BATCH = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+local done = true
+for i = 7, #ARGV do
+  if redis.call('HEXISTS', KEYS[2], ARGV[i]) == 0 then
+    done = false
+    break
+  end
+end
+if done then
+  if redis.call('HDEL', KEYS[5], ARGV[4]) == 1 and redis.call('EXISTS', KEYS[5]) == 0 then
+    redis.call('SREM', KEYS[6], ARGV[6])
+  end
+  return 0
+end
+if ARGV[5] ~= '1' and redis.call('EXISTS', KEYS[3]) == 1 then return -2 end
+redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[2])
+local n = redis.call('HINCRBY', KEYS[4], ARGV[4], 1)
+redis.call('EXPIRE', KEYS[4], ARGV[3])
+return n
+"""
+
+# KEYS: a lease. ARGV: token, lease ms. Extends the lease only while it is still this delivery's.
+_RENEW_LEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+
+# KEYS: a lease. ARGV: token.
+_RELEASE_LEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+# KEYS: job hash, pending, active set. ARGV: job id. The pending batch ids, or nil (and the job leaves the
+# active set) when the job is gone or has none: atomic, so a batch reserved meanwhile is never dropped.
+_PENDING_BATCHES = """
+if redis.call('EXISTS', KEYS[1]) == 1 and redis.call('EXISTS', KEYS[2]) == 1 then
+  return redis.call('HKEYS', KEYS[2])
+end
+redis.call('SREM', KEYS[3], ARGV[1])
+return false
+"""
+
+# KEYS: job hash. Marks a submission complete, only for a job Redis still knows.
+_FINISH_SUBMISSION = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'submitted', 1)
+return 1
+"""
+
+# KEYS: a queue list. ARGV: start, stop. How many messages that range holds, then the "<job> <batch>" of each
+# one, read from the argsrepr header imgq's producers write ("['<job>', <batch>, <n URLs>]"; Celery's own
+# saferepr starts the same), so a sweep moves a few bytes per message, not the URLs.
+_QUEUED_BATCHES = """
+local messages = redis.call('LRANGE', KEYS[1], ARGV[1], ARGV[2])
+local out = {#messages}
+for _, m in ipairs(messages) do
+  local job, batch = string.match(m, '"argsrepr": "%[\\'(%w+)\\', (%d+),')
+  if job then out[#out + 1] = job .. ' ' .. batch end
+end
+return out
+"""
+_ARGSREPR = re.compile(rb"\"argsrepr\": \"\['(\w+)', (\d+),")
+
+
+def argsrepr(job_id: str, batch_id: int, n: int) -> str:
+    """The short argsrepr header of a classify message; the sweep finds queued batches by it."""
+    return f"[{job_id!r}, {batch_id}, <{n} URLs>]"
 
 
 def result_record(index: int, url: str, *, topk: Sequence[tuple[str, float]] = (),
@@ -104,6 +215,16 @@ class JobStatus:
                 "pending": self.pending, "state": self.state, "dead_batches": self.dead_batches}
 
 
+@dataclass(frozen=True)
+class Claim:
+    """What one delivery of a batch found: ``claimed`` (it holds the lease; ``deliveries`` counts it),
+    ``done`` (every item already has a result), ``held`` (a live delivery holds the lease) or ``lost`` (Redis
+    has no record of the job)."""
+
+    state: Literal["claimed", "done", "held", "lost"]
+    deliveries: int = 0
+
+
 class JobNotFoundError(ImgqError):
     pass
 
@@ -112,12 +233,29 @@ class RedisFullError(ImgqError):
     """Redis (maxmemory, noeviction) has no room for the next message."""
 
 
+def is_job_id(job_id: str) -> bool:
+    return _JOB_ID.fullmatch(job_id) is not None
+
+
+def job_not_found(job_id: str) -> JobNotFoundError:
+    return JobNotFoundError(
+        f"no job {job_id!r} in Redis: there is no record of it (a wrong id, expired after IMGQ_JOB_TTL, or lost "
+        f"by Redis: a restart without persistence); resubmit, or run `imgq reconcile {job_id} URLS` to recreate "
+        "it from the URL file")
+
+
 class JobStore:
     def __init__(self, client: redis.Redis, *, ttl_s: int) -> None:
         self.r = client
         self.ttl_s = ttl_s
         self._write = client.register_script(_WRITE_RESULTS)
         self._reserve = client.register_script(_RESERVE_BATCH)
+        self._claim = client.register_script(_CLAIM_BATCH)
+        self._renew = client.register_script(_RENEW_LEASE)
+        self._release = client.register_script(_RELEASE_LEASE)
+        self._pending = client.register_script(_PENDING_BATCHES)
+        self._finish = client.register_script(_FINISH_SUBMISSION)
+        self._queued = client.register_script(_QUEUED_BATCHES)
 
     @classmethod
     def from_url(cls, url: str, *, ttl_s: int) -> JobStore:
@@ -133,13 +271,25 @@ class JobStore:
     def _job(job_id: str) -> str:
         return f"{PREFIX}:job:{job_id}"
 
-    def create_job(self, meta: dict[str, str] | None = None) -> str:
-        job_id = uuid.uuid4().hex
+    @classmethod
+    def _lease(cls, job_id: str, batch_id: int | str) -> str:
+        return f"{cls._job(job_id)}:lease:{batch_id}"
+
+    def create_job(self, meta: dict[str, str] | None = None, *, job_id: str | None = None, total: int = 0,
+                   failed: int = 0) -> str:
+        """A new job record; with ``job_id``, a lost one recreated under its old id (by `imgq reconcile`).
+
+        A recreated job numbers its batches from ``total`` on: a copy of one of the lost record's batches may
+        still arrive (a worker hands back what it held), and must not share an id (its lease, delivery count
+        and kept payload) with a new batch. A submission gives each batch at least one URL, so its ids were
+        all below ``total``."""
+        first_batch = total if job_id else 0
+        job_id = job_id or uuid.uuid4().hex
         now = time.time()
         key = self._job(job_id)
         with self.r.pipeline() as p:
-            fields: dict[str, str | int | float] = {"total": 0, "batches": 0, "submitted": 0, "failed": 0,
-                                                    "created": now, **(meta or {})}
+            fields: dict[str, str | int | float] = {"total": total, "batches": first_batch, "submitted": 0,
+                                                    "failed": failed, "created": now, **(meta or {})}
             p.hset(key, mapping=fields)  # type: ignore[arg-type]  # redis-py's Mapping is invariant
             p.expire(key, self.ttl_s)
             p.zadd(_JOBS_INDEX, {job_id: now})
@@ -154,25 +304,34 @@ class JobStore:
             p.hincrby(self._job(job_id), "batches", batches)
             p.execute()
 
-    def reserve_batch(self, job_id: str, *, new_items: int, queue: str, message_bytes: int) -> tuple[int, int]:
+    def reserve_batch(self, job_id: str, *, new_items: int, queue: str, message_bytes: int,
+                      items: Sequence[tuple[int, str]] | None = None) -> tuple[int, int]:
         """Count one batch *before* its message is sent; returns (batch id, queue depth before the send).
 
         Counting first means ``total`` never under-counts (a result at an index >= total would end a job
         early), and checking for room first means a full Redis stops a submission with
         :class:`RedisFullError` before the count, not after it. ``new_items`` is 0 when reconcile re-enqueues
         items already counted. The queue is the list kombu's Redis transport keeps under the queue's name.
+        ``items``, the batch's (index, URL) pairs, are kept in Redis until the batch's results are written, so
+        the workers' sweep can send a batch the broker lost again (:mod:`worker.sweep`).
         """
-        batch, second, third = self._reserve(keys=[self._job(job_id), queue], args=[new_items, message_bytes])
+        payload = "" if items is None else json.dumps([[i, u] for i, u in items], separators=(",", ":"))
+        batch, second, third = self._reserve(
+            keys=[self._job(job_id), queue, f"{self._job(job_id)}:pending", ACTIVE_JOBS],
+            args=[new_items, message_bytes + len(payload), payload, self.ttl_s, job_id])
+        if batch == -2:
+            raise job_not_found(job_id)
         if batch < 0:
             raise RedisFullError(f"Redis is out of memory: {second} bytes used of maxmemory {third}, and the next "
-                                 f"batch needs about {message_bytes}")
+                                 f"batch needs about {message_bytes + len(payload)}")
         return int(batch), int(second)
 
     def queue_depth(self, queue: str) -> int:
         return int(self.r.llen(queue))
 
     def finish_submission(self, job_id: str) -> None:
-        self.r.hset(self._job(job_id), "submitted", 1)
+        if not self._finish(keys=[self._job(job_id)]):
+            raise job_not_found(job_id)
 
     def exists(self, job_id: str) -> bool:
         return bool(self.r.exists(self._job(job_id)))
@@ -183,14 +342,14 @@ class JobStore:
             p.hlen(f"{self._job(job_id)}:results")
             p.llen(f"{self._job(job_id)}:dead")
             meta, done, dead = p.execute()
-        if not meta:
-            raise JobNotFoundError(f"no job {job_id!r} in Redis (wrong id, or it expired)")
-        return JobStatus(job_id=job_id, total=int(meta[b"total"]), done=int(done), failed=int(meta[b"failed"]),
-                         submitted=meta[b"submitted"] == b"1", dead_batches=int(dead),
-                         created=float(meta[b"created"]))
+        if b"total" not in meta:  # gone, or a fragment left by a write before writes checked for the job
+            raise job_not_found(job_id)
+        return JobStatus(job_id=job_id, total=int(meta[b"total"]), done=int(done),
+                         failed=int(meta.get(b"failed", 0)), submitted=meta.get(b"submitted") == b"1",
+                         dead_batches=int(dead), created=float(meta.get(b"created", 0)))
 
     def count_delivery(self, job_id: str, batch_id: int) -> int:
-        """How many times this batch has been started, this time included."""
+        """Count a delivery without a lease (tests: deliveries that died before this one)."""
         key = f"{self._job(job_id)}:deliveries"
         with self.r.pipeline() as p:
             p.hincrby(key, str(batch_id), 1)
@@ -198,30 +357,120 @@ class JobStore:
             n, _ = p.execute()
         return int(n)
 
-    def write_results(self, job_id: str, records: Sequence[dict[str, Any]]) -> int:
-        """Write records first-wins; returns how many were new (also added to the throughput window)."""
-        if not records:
+    def claim_batch(self, job_id: str, batch_id: int, indices: Sequence[int], *, token: str, lease_ms: int,
+                    take_over: bool = False) -> Claim:
+        """One delivery's claim on a batch (see :class:`Claim`); ``take_over`` ignores a lease held by another
+        delivery (one that kept renewing but never finished)."""
+        job = self._job(job_id)
+        n = int(self._claim(
+            keys=[job, f"{job}:results", self._lease(job_id, batch_id), f"{job}:deliveries", f"{job}:pending",
+                  ACTIVE_JOBS],
+            args=[token, lease_ms, self.ttl_s, batch_id, "1" if take_over else "0", job_id, *indices]))
+        if n == -1:
+            return Claim("lost")
+        if n == -2:
+            return Claim("held")
+        return Claim("done") if n == 0 else Claim("claimed", n)
+
+    def renew_leases(self, leases: Sequence[tuple[str, int, str]], *, lease_ms: int) -> list[bool]:
+        """Extend each (job, batch, token) lease still held by its token; False where it is not (one round trip)."""
+        with self.r.pipeline(transaction=False) as p:
+            for job_id, batch_id, token in leases:
+                self._renew(keys=[self._lease(job_id, batch_id)], args=[token, lease_ms], client=p)
+            return [bool(ok) for ok in p.execute()]
+
+    def release_lease(self, job_id: str, batch_id: int, token: str) -> None:
+        self._release(keys=[self._lease(job_id, batch_id)], args=[token])
+
+    def write_results(self, job_id: str, records: Sequence[dict[str, Any]], *, batch_id: int | None = None,
+                      token: str | None = None, dead: dict[str, Any] | None = None) -> int:
+        """Write records first-wins; returns how many were new (also added to the throughput window).
+
+        With ``batch_id`` the batch is finished: its pending payload is dropped, and its lease too if ``token``
+        still holds it. ``dead`` is a dead-letter entry to add. Raises :class:`JobNotFoundError`, having
+        written nothing, if Redis no longer has the job.
+        """
+        if not records and dead is None and batch_id is None:
             return 0
-        argv: list[Any] = [self.ttl_s, throughput.WINDOW_TTL_S]
+        job = self._job(job_id)
+        argv: list[Any] = [self.ttl_s, throughput.WINDOW_TTL_S, job_id, "" if batch_id is None else batch_id,
+                           token or "", "" if dead is None else json.dumps(dead)]
         for rec in records:
             argv += [rec["index"], json.dumps(rec, separators=(",", ":")), "1" if rec["error"] else "0"]
-        keys = [f"{self._job(job_id)}:results", self._job(job_id), throughput.window_key()]
-        return int(self._write(keys=keys, args=argv))
+        keys = [f"{job}:results", job, throughput.window_key(), f"{job}:pending",
+                self._lease(job_id, "" if batch_id is None else batch_id), f"{job}:dead", ACTIVE_JOBS]
+        written = int(self._write(keys=keys, args=argv))
+        if written < 0:
+            raise job_not_found(job_id)
+        return written
 
-    def give_up_batch(self, job_id: str, batch_id: int, items: Sequence[tuple[int, str]], deliveries: int) -> int:
-        """A batch kept killing workers: its unfinished items end as worker_lost (dead-letter list)."""
+    def give_up_batch(self, job_id: str, batch_id: int, items: Sequence[tuple[int, str]], deliveries: int, *,
+                      token: str | None = None) -> int:
+        """A batch whose deliveries all stopped before finishing: its unfinished items end as worker_lost (and
+        the batch goes to the dead-letter list)."""
         err = ItemError(ErrorCode.WORKER_LOST, f"batch {batch_id} was delivered {deliveries} times and never "
-                        "finished (a worker died on it each time); see `imgq status` dead batches")
-        key = f"{self._job(job_id)}:dead"
-        with self.r.pipeline() as p:
-            p.rpush(key, json.dumps({"batch": batch_id, "deliveries": deliveries,
-                                     "indices": [i for i, _ in items]}))
-            p.expire(key, self.ttl_s)
-            p.execute()
-        return self.write_results(job_id, [result_record(i, u, error=err) for i, u in items])
+                        "finished: each time the worker on it stopped renewing its lease before writing results "
+                        "(it died, hung or lost Redis); see `imgq status` dead batches")
+        dead = {"batch": batch_id, "deliveries": deliveries, "indices": [i for i, _ in items]}
+        return self.write_results(job_id, [result_record(i, u, error=err) for i, u in items], batch_id=batch_id,
+                                  token=token, dead=dead)
 
     def dead_batches(self, job_id: str) -> list[dict[str, Any]]:
         return [json.loads(raw) for raw in self.r.lrange(f"{self._job(job_id)}:dead", 0, -1)]
+
+    # The sweep (worker/sweep.py): batches whose payload is kept, and where each one is.
+
+    def take_sweep_lock(self, holder: str, *, ttl_ms: int) -> bool:
+        """At most one sweep per ``ttl_ms`` in the whole deployment: the lock is left to expire."""
+        return bool(self.r.set(SWEEP_LOCK, holder, nx=True, px=ttl_ms))
+
+    def active_jobs(self) -> list[str]:
+        return sorted(raw.decode() for raw in self.r.smembers(ACTIVE_JOBS))  # type: ignore[union-attr]
+
+    def pending_batches(self, job_id: str) -> list[int] | None:
+        """The ids of the job's batches whose results are not written; None once the job is gone or has none."""
+        job = self._job(job_id)
+        ids = self._pending(keys=[job, f"{job}:pending", ACTIVE_JOBS], args=[job_id])
+        return None if ids is None else sorted(int(b) for b in ids)
+
+    def pending_items(self, job_id: str, batch_id: int) -> list[tuple[int, str]] | None:
+        raw = self.r.hget(f"{self._job(job_id)}:pending", str(batch_id))
+        return None if raw is None else [(int(i), str(u)) for i, u in json.loads(raw)]
+
+    def leased(self, job_id: str, batch_ids: Sequence[int]) -> set[int]:
+        with self.r.pipeline(transaction=False) as p:
+            for b in batch_ids:
+                p.exists(self._lease(job_id, b))
+            return {b for b, n in zip(batch_ids, p.execute(), strict=True) if n}
+
+    def batches_with_the_broker(self, queue: str, chunk: int = 500) -> set[tuple[str, int]]:
+        """(job, batch) of every classify message kombu holds: unacknowledged first, then queued (a message
+        moves from unacked back to the queue when kombu restores it, so in this order it is seen at least once)."""
+        unacked: list[bytes] = self.r.hvals(KOMBU_UNACKED)  # type: ignore[assignment]
+        found = {(m[1].decode(), int(m[2])) for raw in unacked if (m := _ARGSREPR.search(raw)) is not None}
+        start = 0
+        while True:
+            # LRANGE in chunks, each read server-side down to its (job, batch) pairs. The list may move under
+            # us (BRPOP at one end, LPUSH at the other): a batch missed here is only a suspect, not yet resent.
+            scanned, *pairs = self._queued(keys=[queue], args=[start, start + chunk - 1])
+            for pair in pairs:
+                job, batch = pair.decode().split()
+                found.add((job, int(batch)))
+            if int(scanned) < chunk:
+                return found
+            start += chunk
+
+    def swap_sweep_suspects(self, suspects: set[tuple[str, int]], *, ttl_ms: int) -> set[tuple[str, int]]:
+        """Store this sweep's suspects; returns the previous sweep's."""
+        members = [f"{job} {batch}" for job, batch in suspects]
+        with self.r.pipeline() as p:
+            p.smembers(SWEEP_SUSPECTS)
+            p.delete(SWEEP_SUSPECTS)
+            if members:
+                p.sadd(SWEEP_SUSPECTS, *members)
+                p.pexpire(SWEEP_SUSPECTS, ttl_ms)
+            previous = p.execute()[0]
+        return {(job, int(batch)) for job, batch in (raw.decode().split() for raw in previous)}
 
     def iter_results(self, job_id: str, total: int, chunk: int = 5000) -> Iterator[dict[str, Any] | None]:
         """Results in input order; None where an index has no result yet."""

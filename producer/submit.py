@@ -1,5 +1,9 @@
 """Submitting a job: record it in Redis and enqueue its URLs in batches, streaming the input.
 
+A line of the URL file that was not valid UTF-8 (:class:`producer.urls.UndecodableLine`) is answered here, at
+submit time, with an ``invalid_url`` result naming the line: it counts in the job like any item, and is never
+sent to a worker (its replacement characters would make it a different URL).
+
 Each batch is counted in the job record just before its message is sent, and only if Redis has room for
 the message (``JobStore.reserve_batch``). So when Redis is full (maxmemory with ``noeviction``) or refuses
 a write for another reason, the submission stops with an :class:`EnqueueError` that says exactly which
@@ -18,9 +22,10 @@ import redis
 from celery import Celery
 from kombu.exceptions import KombuError
 
-from imgq.errors import ImgqError
-from imgq.jobs import JobStore, RedisFullError
+from imgq.errors import ErrorCode, ImgqError, ItemError
+from imgq.jobs import JobStore, RedisFullError, result_record
 from imgq.settings import Settings
+from producer.urls import UndecodableLine
 from worker.app import CLASSIFY_TASK
 
 log = logging.getLogger(__name__)
@@ -84,13 +89,17 @@ def enqueue_batches(job_id: str, batches: Iterable[Batch], *, counted: int, sett
                     depth = _wait_for_room(store, settings)
                 refused = 0
                 batch_id, depth = store.reserve_batch(job_id, new_items=sum(i >= counted for i, _ in batch),
-                                                      queue=queue, message_bytes=_message_bytes(batch))
+                                                      queue=queue, message_bytes=_message_bytes(batch),
+                                                      items=batch)
                 refused = len(batch)  # counted, not yet sent
-                # argsrepr given: Celery would otherwise saferepr() all the URLs into a header, ~20% of a send.
-                app.send_task(CLASSIFY_TASK, args=[job_id, batch_id, list(batch)], queue=queue, producer=producer,
-                              argsrepr=f"[{job_id!r}, {batch_id}, <{len(batch)} URLs>]")
+                send = _answer_undecodable(job_id, batch, store)
+                refused = len(send)
+                if send:
+                    # argsrepr given: Celery would otherwise saferepr() all the URLs into a header, ~20% of a send.
+                    app.send_task(CLASSIFY_TASK, args=[job_id, batch_id, list(send)], queue=queue,
+                                  producer=producer, argsrepr=f"[{job_id!r}, {batch_id}, <{len(send)} URLs>]")
+                    depth += 1
                 refused = 0
-                depth += 1
                 items += len(batch)
                 sent += 1
                 if on_progress and sent % _PROGRESS_EVERY == 0:
@@ -100,6 +109,17 @@ def enqueue_batches(job_id: str, batches: Iterable[Batch], *, counted: int, sett
     if on_progress:
         on_progress(items)
     return items, sent
+
+
+def _answer_undecodable(job_id: str, batch: Batch, store: JobStore) -> Batch:
+    """Write the ``invalid_url`` result of each line that was not valid UTF-8 (never fetched: its text is not
+    what the file said); returns the rest of the batch, to be sent."""
+    bad = [(i, url) for i, url in batch if isinstance(url, UndecodableLine)]
+    if not bad:
+        return batch
+    store.write_results(job_id, [result_record(i, str(url), error=ItemError(ErrorCode.INVALID_URL, url.reason))
+                                 for i, url in bad if isinstance(url, UndecodableLine)])
+    return [(i, url) for i, url in batch if not isinstance(url, UndecodableLine)]
 
 
 def _message_bytes(batch: Batch) -> int:

@@ -14,13 +14,15 @@ from imgq.jobs import JobStatus, JobStore
 
 @dataclass(frozen=True)
 class StallRepair:
-    """The safety net for a batch lost in transit.
+    """The producer's safety net for a batch lost in transit; the workers' sweep is the first one.
 
     kombu's Redis transport pops a message (BRPOP) before it records it as unacked, so a worker killed in
-    between loses that message and no visibility timeout brings it back. When a job has made no progress for
-    ``after_s`` while its queue is empty, ``reenqueue`` enqueues its missing items again (a reconcile from
-    the URL file) and says what it did. Results are first-wins, so an item that was only slow is not counted
-    twice; the cost of a false alarm is repeated work.
+    between loses that message and no visibility timeout brings it back. The classify workers find such a
+    batch themselves within about two ``IMGQ_SWEEP_INTERVAL`` and send it again from the payload kept in
+    Redis (worker/sweep.py). If that has not happened (no worker sweeping, the payload lost with Redis), and
+    the job has made no progress for ``after_s`` while its queue is empty, ``reenqueue`` enqueues its missing
+    items again (a reconcile from the URL file) and says what it did. Results are first-wins, so an item that
+    was only slow is not counted twice; the cost of a false alarm is repeated work.
     """
 
     after_s: float

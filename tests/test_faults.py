@@ -130,9 +130,11 @@ def test_worker_sigkilled_survivor_takes_over_within_the_visibility_timeout(
 def test_a_batch_lost_between_brpop_and_its_unacked_record_comes_back_from_the_url_list(
         make_cluster: Callable[..., Cluster], site: tuple[HTTPTestServer, str]) -> None:
     """kombu pops a message before it records it as unacked: a worker killed in between takes the batch
-    with it, beyond any visibility timeout. The waiting producer re-enqueues what the stalled job misses."""
+    with it, beyond any visibility timeout. The waiting producer re-enqueues what the stalled job misses.
+    (The workers' own sweep would send it first, test_exactly_once.py: it is kept out of the way here, so this
+    tests the producer's net.)"""
     server, label = site
-    cluster = make_cluster()
+    cluster = make_cluster(IMGQ_SWEEP_INTERVAL="3600")
     urls = urls_for(server, "/img.png", 100)
     job = cluster.submit(urls)  # no worker yet: every batch waits in the queue
     queue = cluster.settings.classify_queue

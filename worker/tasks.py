@@ -1,4 +1,7 @@
-"""Celery tasks: thin wrappers that unpack the message and call plain functions."""
+"""Celery tasks: thin wrappers that unpack the message and call plain functions.
+
+A classify worker also runs the lost-batch sweep (:mod:`worker.sweep`) in a daemon thread.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +9,16 @@ from functools import cache
 from typing import Any
 
 import redis
-from celery import Task
+from celery import Task, signals
 from celery.exceptions import Reject
 
 from imgq.jobs import JobStore
-from worker.app import CLASSIFY_TASK, RETRAIN_TASK, app, app_settings
+from worker.app import CLASSIFY_TASK, RETRAIN_TASK, _serves_classify, app, app_settings
 from worker.engine import get_engine
 from worker.pipeline import classify_batch
-from worker.retrain import LOCK_TIMEOUT_S, RetrainRequest, run_retrain
+from model.retrain import RUN_TIME_LIMIT_S, RetrainRequest, run_retrain
+from worker.manifest import load_training_data
+from worker.sweep import Sweeper
 
 
 @cache
@@ -33,16 +38,33 @@ def classify(job_id: str, batch_id: int, items: list[list[object]]) -> int:
         raise Reject(f"job {job_id} batch {batch_id}: Redis refused the write ({exc}); requeued", requeue=True) from exc
 
 
+_sweepers: list[Sweeper] = []
+
+
+@signals.worker_ready.connect
+def _start_sweep(sender: Any = None, **_: Any) -> None:
+    # Only workers that consume the classify queue sweep it; a trainer does not.
+    if _serves_classify(sender):
+        _sweepers.append(Sweeper(_store(), app, app_settings(), task=CLASSIFY_TASK).start())
+
+
+@signals.worker_shutdown.connect
+def _stop_sweep(**_: Any) -> None:
+    for sweeper in _sweepers:
+        sweeper.stop()
+
+
 @cache
 def _redis() -> redis.Redis:
     return _store().r
 
 
 # Acked on receipt, not late: a retrain can outlast the visibility timeout, and a redelivered copy would
-# train twice. A trainer that dies loses the run; the next trigger (or beat) starts a new one.
-@app.task(name=RETRAIN_TASK, bind=True, acks_late=False, time_limit=LOCK_TIMEOUT_S)
+# train twice. A trainer that dies loses the run; its lease on the retrain lock lapses within IMGQ_LEASE,
+# and the next trigger (or beat) starts a new one. The time limit only bounds a live run.
+@app.task(name=RETRAIN_TASK, bind=True, acks_late=False, time_limit=RUN_TIME_LIMIT_S)
 def retrain(self: Task, source: str = "demo", arch: str = "cnn", epochs: int | None = None,
             init: str | None = None, seed: int = 0, input_size: int = 64, trigger: str = "manual") -> dict[str, Any]:
     request = RetrainRequest(source=source, arch=arch, epochs=epochs, init=init, seed=seed, input_size=input_size,
                              trigger=trigger)
-    return run_retrain(app_settings(), _redis(), str(self.request.id), request)
+    return run_retrain(app_settings(), _redis(), str(self.request.id), request, load_data=load_training_data)

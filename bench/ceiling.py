@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import torch
 
 from imgq.settings import Settings
-from model import Classifier
-from worker.engine import prepare_image
+from model.classifier import Classifier
+from worker.decode import prepare_image
 
 
 @dataclass(frozen=True)

@@ -16,9 +16,10 @@ from typing import Any
 import psutil
 
 from bench.memory import RssSampler, rss_mb
+from imgq import keys
 from imgq.jobs import JobStore
+from imgq.local import LocalCluster
 from imgq.settings import Settings
-from producer.local import LocalCluster
 from producer.submit import submit_urls
 
 
@@ -62,7 +63,7 @@ class E2EResult:
 
 def wait_done(store: JobStore, job_id: str, total: int, timeout_s: float, poll_s: float) -> None:
     """Poll the results count; finer-grained than producer.wait, so latencies are not rounded to 200 ms."""
-    key = f"imgq:job:{job_id}:results"
+    key = keys.results(job_id)
     deadline = time.monotonic() + timeout_s
     while store.r.hlen(key) < total:
         if time.monotonic() > deadline:
@@ -73,7 +74,6 @@ def wait_done(store: JobStore, job_id: str, total: int, timeout_s: float, poll_s
 def run_job(cluster: LocalCluster, store: JobStore, urls: Sequence[str], *, timeout_s: float = 600,
             poll_s: float = 0.01) -> float:
     """Seconds from the start of submission to the last result."""
-    assert cluster.app is not None
     start = time.perf_counter()
     job_id = submit_urls(urls, settings=cluster.settings, store=store, app=cluster.app)
     wait_done(store, job_id, len(urls), timeout_s, poll_s)
@@ -101,7 +101,7 @@ def measure_e2e(settings: Settings, urls: Sequence[str], *, latency_jobs: int, w
     with LocalCluster(settings, workers=1) as cluster:
         store = JobStore.from_url(cluster.settings.redis_url, ttl_s=3600)
         pid = cluster.workers[0].proc.pid
-        assert cluster.redis.proc is not None
+        assert cluster.redis is not None and cluster.redis.proc is not None
         pids = {"worker": pid, "redis": cluster.redis.proc.pid, "bench": os.getpid(), **(other_pids or {})}
         try:
             with RssSampler(pid, interval_s=0.1) as sampler:

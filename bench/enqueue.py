@@ -1,6 +1,6 @@
 """`imgq submit` of 1,000,000 URLs into a private redis-server, no workers: wall time and peak memory.
 
-The real command in its own process (``python -m producer submit FILE``), its RSS sampled with psutil.
+The real command in its own process (``python -m cli submit FILE``), its RSS sampled with psutil.
 Backpressure is lifted (``IMGQ_MAX_QUEUE_DEPTH``): with no workers the queue only grows.
 """
 
@@ -16,6 +16,7 @@ from pathlib import Path
 import redis
 
 from bench.memory import RssSampler
+from imgq import keys
 from imgq.redis_server import RedisServer
 from imgq.settings import Settings
 
@@ -42,7 +43,7 @@ def measure_enqueue(url_file: Path, count: int, queue_depth: int = 10_000_000) -
     with RedisServer() as server:
         env = {**os.environ, "IMGQ_REDIS_URL": server.url, "IMGQ_MAX_QUEUE_DEPTH": str(queue_depth)}
         start = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-m", "producer", "submit", str(url_file)], env=env,
+        proc = subprocess.Popen([sys.executable, "-m", "cli", "submit", str(url_file)], env=env,
                                 stdout=subprocess.PIPE, text=True)
         with RssSampler(proc.pid, interval_s=0.02) as sampler:
             out, _ = proc.communicate()
@@ -51,7 +52,7 @@ def measure_enqueue(url_file: Path, count: int, queue_depth: int = 10_000_000) -
             raise RuntimeError(f"imgq submit exited with {proc.returncode}")
         job_id = out.strip().splitlines()[-1]
         client = redis.Redis.from_url(server.url)
-        total = int(client.hget(f"imgq:job:{job_id}", "total") or 0)
+        total = int(client.hget(keys.job(job_id), "total") or 0)
         messages = int(client.llen(Settings.from_env().classify_queue))
         client.close()
     if total != count:

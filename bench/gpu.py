@@ -39,8 +39,9 @@ from imgq.errors import ItemError
 from imgq.settings import AMP_CHOICES, Settings
 from model.checkpoint import load_checkpoint
 from model.classifier import Classifier, ServingOptions, configure_serving
-from model.registry import champion_version, version_dir
-from worker.engine import prepare_image
+from model.pointer import champion_version
+from model.registry import version_dir
+from worker.decode import prepare_image
 from worker.gpu_decode import GpuDecoder
 
 

@@ -10,10 +10,12 @@ from pathlib import Path
 
 import torch
 
+from model.champion import Champion
 from model.demo_data import CLASSES
 from model.net import ModelConfig, build_model
+from model.pointer import champion_version
 from model.preprocess import IMAGENET_MEAN, IMAGENET_STD
-from model.registry import champion_version, load_champion, publish, set_champion
+from model.registry import load_champion, publish
 
 # The default CNN at its default 64 px, and resnet18 at the usual 224 px.
 BENCH_MODELS: dict[str, ModelConfig] = {
@@ -31,6 +33,6 @@ def ensure_model(name: str, root: Path) -> Path:
         module = build_model(config)
         version = publish(model_dir, module, config=config, classes=CLASSES[: config.num_classes],
                           mean=IMAGENET_MEAN, std=IMAGENET_STD, metrics={"note": "untrained, for imgq bench"})
-        set_champion(model_dir, version)
+        Champion(model_dir).set(version)
     load_champion(model_dir)  # fail here, not in a worker, if the artifact is bad
     return model_dir

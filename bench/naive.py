@@ -20,8 +20,9 @@ from PIL import Image
 
 from model.checkpoint import WEIGHTS_FILE, read_meta
 from model.net import build_model
+from model.pointer import champion_version
 from model.preprocess import Preprocess
-from model.registry import champion_version, version_dir
+from model.registry import version_dir
 
 
 def measure_naive(model_dir: Path, urls: Sequence[str]) -> dict[int, float]:

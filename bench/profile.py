@@ -28,9 +28,9 @@ from bench.images import DATA_DIR, write_images
 from bench.models import ensure_model
 from bench.server import serve_images
 from imgq.jobs import JobStore
+from imgq.local import LocalCluster
 from imgq.redis_server import RedisServer
 from imgq.settings import Settings
-from producer.local import LocalCluster
 
 OUT = DATA_DIR / "profiles"
 
@@ -123,9 +123,9 @@ def profile_submit(urls: int) -> None:
     with RedisServer() as server:
         env = {**os.environ, "IMGQ_REDIS_URL": server.url, "IMGQ_MAX_QUEUE_DEPTH": str(10**9)}
         html = OUT / "submit.html"
-        subprocess.run([sys.executable, "-m", "pyinstrument", "-o", str(html), "-r", "html", "-m", "producer",
+        subprocess.run([sys.executable, "-m", "pyinstrument", "-o", str(html), "-r", "html", "-m", "cli",
                         "submit", str(url_file)], env=env, check=True, stdout=subprocess.DEVNULL)
-        subprocess.run([sys.executable, "-m", "pyinstrument", "-m", "producer", "submit", str(url_file)],
+        subprocess.run([sys.executable, "-m", "pyinstrument", "-m", "cli", "submit", str(url_file)],
                        env=env, check=True)
     print(f"html report: {html}")
 

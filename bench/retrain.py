@@ -19,7 +19,7 @@ from model.registry import list_versions
 
 def measure_retrain(epochs: int | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="imgq-bench-retrain-") as tmp:
-        cmd = [sys.executable, "-m", "producer", "train", "--data", "demo", "--out", tmp]
+        cmd = [sys.executable, "-m", "cli", "train", "--data", "demo", "--out", tmp]
         if epochs:
             cmd += ["--epochs", str(epochs)]
         env = {**os.environ, "IMGQ_REDIS_URL": "redis://127.0.0.1:1/0"}  # no Redis: disk pointer only

@@ -18,7 +18,7 @@ human-readable message. The codes are a stable contract (README, "Error codes");
 
 from __future__ import annotations
 
-from enum import StrEnum
+from enum import IntEnum, StrEnum
 from typing import Any
 
 
@@ -34,6 +34,16 @@ class ErrorCode(StrEnum):
     TOO_COMPLEX = "too_complex"
     WORKER_LOST = "worker_lost"
     INTERNAL = "internal"
+
+
+class ExitCode(IntEnum):
+    """Exit codes of every `imgq` command and worker process (README, "Exit codes")."""
+
+    OK = 0
+    FAILED = 1  # the operation failed (one line on stderr says why); a worker that stopped on its own
+    USAGE = 2  # a wrong invocation (argparse)
+    REFUSED = 3  # a worker that cannot serve as configured (device, model): restarting would not help
+    INTERRUPTED = 130  # Ctrl-C or SIGTERM
 
 
 class ItemError(Exception):

@@ -1,17 +1,4 @@
-"""Job records and results in Redis: the one place that knows the key layout.
-
-    imgq:jobs                      ZSET   job id -> created (unix s), for `imgq status` without a job
-    imgq:job:<id>                  HASH   total, batches, submitted (0/1), created, finished, failed, ...
-    imgq:job:<id>:results          HASH   index -> result record (JSON); first write wins
-    imgq:job:<id>:deliveries       HASH   batch id -> times a worker started it (a lease it took, not a copy it saw)
-    imgq:job:<id>:dead             LIST   batches given up after too many deliveries (JSON)
-    imgq:job:<id>:pending          HASH   batch id -> its (index, URL) pairs (JSON), until its results are written
-    imgq:job:<id>:lease:<batch>    STRING the token of the delivery working on the batch; PX IMGQ_LEASE, renewed
-    imgq:active                    SET    job ids that may have pending batches (what the sweep looks at)
-    imgq:sweep:lock                STRING held by the worker sweeping now; PX IMGQ_SWEEP_INTERVAL, never released
-    imgq:sweep:suspects            SET    "<job> <batch>" found nowhere by the last sweep
-    imgq:written:<window>          STRING results written per 10 s window (imgq.throughput)
-    imgq:champion                  STRING the champion model version (imgq.champion)
+"""Job records and results in Redis. The key layout is :mod:`imgq.keys` (every key is built there).
 
 kombu's own keys that the sweep reads: the queue list (named as the queue) and ``unacked`` (HASH delivery
 tag -> the message a worker holds).
@@ -35,18 +22,11 @@ from typing import Any, Literal
 
 import redis
 
-from imgq import throughput
+from imgq import keys, throughput
 from imgq.errors import ErrorCode, ImgqError, ItemError
 
-PREFIX = "imgq"
-_JOBS_INDEX = f"{PREFIX}:jobs"
 # Keep the recent-jobs index from growing without bound.
 _JOBS_INDEX_MAX = 1000
-ACTIVE_JOBS = f"{PREFIX}:active"
-SWEEP_LOCK = f"{PREFIX}:sweep:lock"
-SWEEP_SUSPECTS = f"{PREFIX}:sweep:suspects"
-# kombu's Redis transport keeps delivered-but-unacknowledged messages in this hash (its default unacked_key).
-KOMBU_UNACKED = "unacked"
 # What `imgq submit` prints as a job id (uuid4().hex).
 _JOB_ID = re.compile(r"[0-9a-f]{32}")
 
@@ -269,11 +249,11 @@ class JobStore:
 
     @staticmethod
     def _job(job_id: str) -> str:
-        return f"{PREFIX}:job:{job_id}"
+        return keys.job(job_id)
 
     @classmethod
     def _lease(cls, job_id: str, batch_id: int | str) -> str:
-        return f"{cls._job(job_id)}:lease:{batch_id}"
+        return keys.lease(job_id, batch_id)
 
     def create_job(self, meta: dict[str, str] | None = None, *, job_id: str | None = None, total: int = 0,
                    failed: int = 0) -> str:
@@ -292,8 +272,8 @@ class JobStore:
                                                     "failed": failed, "created": now, **(meta or {})}
             p.hset(key, mapping=fields)  # type: ignore[arg-type]  # redis-py's Mapping is invariant
             p.expire(key, self.ttl_s)
-            p.zadd(_JOBS_INDEX, {job_id: now})
-            p.zremrangebyrank(_JOBS_INDEX, 0, -_JOBS_INDEX_MAX - 1)
+            p.zadd(keys.JOBS_INDEX, {job_id: now})
+            p.zremrangebyrank(keys.JOBS_INDEX, 0, -_JOBS_INDEX_MAX - 1)
             p.execute()
         return job_id
 
@@ -317,7 +297,7 @@ class JobStore:
         """
         payload = "" if items is None else json.dumps([[i, u] for i, u in items], separators=(",", ":"))
         batch, second, third = self._reserve(
-            keys=[self._job(job_id), queue, f"{self._job(job_id)}:pending", ACTIVE_JOBS],
+            keys=[self._job(job_id), queue, keys.pending(job_id), keys.ACTIVE_JOBS],
             args=[new_items, message_bytes + len(payload), payload, self.ttl_s, job_id])
         if batch == -2:
             raise job_not_found(job_id)
@@ -339,8 +319,8 @@ class JobStore:
     def status(self, job_id: str) -> JobStatus:
         with self.r.pipeline() as p:
             p.hgetall(self._job(job_id))
-            p.hlen(f"{self._job(job_id)}:results")
-            p.llen(f"{self._job(job_id)}:dead")
+            p.hlen(keys.results(job_id))
+            p.llen(keys.dead(job_id))
             meta, done, dead = p.execute()
         if b"total" not in meta:  # gone, or a fragment left by a write before writes checked for the job
             raise job_not_found(job_id)
@@ -350,7 +330,7 @@ class JobStore:
 
     def count_delivery(self, job_id: str, batch_id: int) -> int:
         """Count a delivery without a lease (tests: deliveries that died before this one)."""
-        key = f"{self._job(job_id)}:deliveries"
+        key = keys.deliveries(job_id)
         with self.r.pipeline() as p:
             p.hincrby(key, str(batch_id), 1)
             p.expire(key, self.ttl_s)
@@ -363,8 +343,8 @@ class JobStore:
         delivery (one that kept renewing but never finished)."""
         job = self._job(job_id)
         n = int(self._claim(
-            keys=[job, f"{job}:results", self._lease(job_id, batch_id), f"{job}:deliveries", f"{job}:pending",
-                  ACTIVE_JOBS],
+            keys=[job, keys.results(job_id), self._lease(job_id, batch_id), keys.deliveries(job_id),
+                  keys.pending(job_id), keys.ACTIVE_JOBS],
             args=[token, lease_ms, self.ttl_s, batch_id, "1" if take_over else "0", job_id, *indices]))
         if n == -1:
             return Claim("lost")
@@ -397,9 +377,9 @@ class JobStore:
                            token or "", "" if dead is None else json.dumps(dead)]
         for rec in records:
             argv += [rec["index"], json.dumps(rec, separators=(",", ":")), "1" if rec["error"] else "0"]
-        keys = [f"{job}:results", job, throughput.window_key(), f"{job}:pending",
-                self._lease(job_id, "" if batch_id is None else batch_id), f"{job}:dead", ACTIVE_JOBS]
-        written = int(self._write(keys=keys, args=argv))
+        touched = [keys.results(job_id), job, throughput.window_key(), keys.pending(job_id),
+                   self._lease(job_id, "" if batch_id is None else batch_id), keys.dead(job_id), keys.ACTIVE_JOBS]
+        written = int(self._write(keys=touched, args=argv))
         if written < 0:
             raise job_not_found(job_id)
         return written
@@ -416,25 +396,25 @@ class JobStore:
                                   token=token, dead=dead)
 
     def dead_batches(self, job_id: str) -> list[dict[str, Any]]:
-        return [json.loads(raw) for raw in self.r.lrange(f"{self._job(job_id)}:dead", 0, -1)]
+        return [json.loads(raw) for raw in self.r.lrange(keys.dead(job_id), 0, -1)]
 
     # The sweep (worker/sweep.py): batches whose payload is kept, and where each one is.
 
     def take_sweep_lock(self, holder: str, *, ttl_ms: int) -> bool:
         """At most one sweep per ``ttl_ms`` in the whole deployment: the lock is left to expire."""
-        return bool(self.r.set(SWEEP_LOCK, holder, nx=True, px=ttl_ms))
+        return bool(self.r.set(keys.SWEEP_LOCK, holder, nx=True, px=ttl_ms))
 
     def active_jobs(self) -> list[str]:
-        return sorted(raw.decode() for raw in self.r.smembers(ACTIVE_JOBS))  # type: ignore[union-attr]
+        return sorted(raw.decode() for raw in self.r.smembers(keys.ACTIVE_JOBS))  # type: ignore[union-attr]
 
     def pending_batches(self, job_id: str) -> list[int] | None:
         """The ids of the job's batches whose results are not written; None once the job is gone or has none."""
         job = self._job(job_id)
-        ids = self._pending(keys=[job, f"{job}:pending", ACTIVE_JOBS], args=[job_id])
+        ids = self._pending(keys=[job, keys.pending(job_id), keys.ACTIVE_JOBS], args=[job_id])
         return None if ids is None else sorted(int(b) for b in ids)
 
     def pending_items(self, job_id: str, batch_id: int) -> list[tuple[int, str]] | None:
-        raw = self.r.hget(f"{self._job(job_id)}:pending", str(batch_id))
+        raw = self.r.hget(keys.pending(job_id), str(batch_id))
         return None if raw is None else [(int(i), str(u)) for i, u in json.loads(raw)]
 
     def leased(self, job_id: str, batch_ids: Sequence[int]) -> set[int]:
@@ -446,7 +426,7 @@ class JobStore:
     def batches_with_the_broker(self, queue: str, chunk: int = 500) -> set[tuple[str, int]]:
         """(job, batch) of every classify message kombu holds: unacknowledged first, then queued (a message
         moves from unacked back to the queue when kombu restores it, so in this order it is seen at least once)."""
-        unacked: list[bytes] = self.r.hvals(KOMBU_UNACKED)  # type: ignore[assignment]
+        unacked: list[bytes] = self.r.hvals(keys.KOMBU_UNACKED)  # type: ignore[assignment]
         found = {(m[1].decode(), int(m[2])) for raw in unacked if (m := _ARGSREPR.search(raw)) is not None}
         start = 0
         while True:
@@ -464,17 +444,17 @@ class JobStore:
         """Store this sweep's suspects; returns the previous sweep's."""
         members = [f"{job} {batch}" for job, batch in suspects]
         with self.r.pipeline() as p:
-            p.smembers(SWEEP_SUSPECTS)
-            p.delete(SWEEP_SUSPECTS)
+            p.smembers(keys.SWEEP_SUSPECTS)
+            p.delete(keys.SWEEP_SUSPECTS)
             if members:
-                p.sadd(SWEEP_SUSPECTS, *members)
-                p.pexpire(SWEEP_SUSPECTS, ttl_ms)
+                p.sadd(keys.SWEEP_SUSPECTS, *members)
+                p.pexpire(keys.SWEEP_SUSPECTS, ttl_ms)
             previous = p.execute()[0]
         return {(job, int(batch)) for job, batch in (raw.decode().split() for raw in previous)}
 
     def iter_results(self, job_id: str, total: int, chunk: int = 5000) -> Iterator[dict[str, Any] | None]:
         """Results in input order; None where an index has no result yet."""
-        key = f"{self._job(job_id)}:results"
+        key = keys.results(job_id)
         for start in range(0, total, chunk):
             fields = [str(i) for i in range(start, min(start + chunk, total))]
             for raw in self.r.hmget(key, fields):
@@ -482,16 +462,16 @@ class JobStore:
 
     def results_at(self, job_id: str, indices: Sequence[int]) -> list[dict[str, Any] | None]:
         """The result records at these indices (one round trip); None where there is none."""
-        raws = self.r.hmget(f"{self._job(job_id)}:results", [str(i) for i in indices])
+        raws = self.r.hmget(keys.results(job_id), [str(i) for i in indices])
         return [None if raw is None else json.loads(raw) for raw in raws]
 
     def unfinished(self, job_id: str, items: Sequence[tuple[int, str]]) -> list[tuple[int, str]]:
         """The items that have no result yet (one round trip)."""
-        written = self.r.hmget(f"{self._job(job_id)}:results", [str(i) for i, _ in items])
+        written = self.r.hmget(keys.results(job_id), [str(i) for i, _ in items])
         return [item for item, raw in zip(items, written, strict=True) if raw is None]
 
     def missing_indices(self, job_id: str, total: int, chunk: int = 5000) -> list[int]:
         return [i for i, rec in enumerate(self.iter_results(job_id, total, chunk)) if rec is None]
 
     def recent_jobs(self, limit: int = 10) -> list[str]:
-        return [raw.decode() for raw in self.r.zrevrange(_JOBS_INDEX, 0, limit - 1)]  # type: ignore[union-attr]
+        return [raw.decode() for raw in self.r.zrevrange(keys.JOBS_INDEX, 0, limit - 1)]  # type: ignore[union-attr]

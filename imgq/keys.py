@@ -59,7 +59,7 @@ def pending(job_id: str) -> str:
     return f"{job(job_id)}:pending"
 
 
-def lease(job_id: str, batch_id: int) -> str:
+def lease(job_id: str, batch_id: int | str) -> str:
     return f"{job(job_id)}:lease:{batch_id}"
 
 

@@ -23,6 +23,20 @@ IMAGE_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
 DEFAULT_IMAGE_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP")
 
 
+@dataclass(frozen=True)
+class TrainDefaults:
+    """What a training run uses when nothing says otherwise: `imgq train`/`retrain` flags, the schedule, the
+    retrain task and ``RetrainRequest`` all read these (the demo set and the small CNN, at 64x64: CPU
+    training in seconds, and torchvision architectures adapt their pooling to it)."""
+
+    source: str = "demo"
+    arch: str = "cnn"
+    input_size: int = 64
+
+
+TRAIN_DEFAULTS = TrainDefaults()
+
+
 def _env(name: str) -> dict[str, Any]:
     return {"env": name}
 
@@ -122,8 +136,8 @@ class Settings:
     # Scheduled retrain (imgq beat): a 5-field cron expression, or an interval in seconds; "" / 0 = off.
     retrain_cron: str = field(default="", metadata=_env("IMGQ_RETRAIN_CRON"))
     retrain_interval_s: float = field(default=0.0, metadata=_env("IMGQ_RETRAIN_INTERVAL"))
-    retrain_data: str = field(default="demo", metadata=_env("IMGQ_RETRAIN_DATA"))
-    retrain_arch: str = field(default="cnn", metadata=_env("IMGQ_RETRAIN_ARCH"))
+    retrain_data: str = field(default=TRAIN_DEFAULTS.source, metadata=_env("IMGQ_RETRAIN_DATA"))
+    retrain_arch: str = field(default=TRAIN_DEFAULTS.arch, metadata=_env("IMGQ_RETRAIN_ARCH"))
     retrain_epochs: int = field(default=8, metadata=_env("IMGQ_RETRAIN_EPOCHS"))
     # Images fetched for manifest training data are cached here (default: MODEL_DIR/cache).
     cache_dir: str = field(default="", metadata=_env("IMGQ_CACHE_DIR"))

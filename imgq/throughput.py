@@ -12,8 +12,9 @@ import time
 
 import redis
 
+from imgq import keys
+
 BUCKET_S = 10
-_KEY = "imgq:written:{}"
 # Long enough to sum a full minute, short enough that the keys never pile up.
 WINDOW_TTL_S = 180
 
@@ -21,11 +22,11 @@ WINDOW_TTL_S = 180
 def window_key(now: float | None = None) -> str:
     """The counter for the window ``now`` falls in; :meth:`imgq.jobs.JobStore.write_results` adds to it in the
     same Lua call that writes the results (no extra round trip per batch)."""
-    return _KEY.format(int((time.time() if now is None else now) // BUCKET_S))
+    return keys.written_window(int((time.time() if now is None else now) // BUCKET_S))
 
 
 def written_last(client: redis.Redis, window_s: int = 60, *, now: float | None = None) -> int:
     """Results written in the last ``window_s`` seconds (to 10 s resolution, the current window included)."""
     current = int((time.time() if now is None else now) // BUCKET_S)
-    keys = [_KEY.format(b) for b in range(current - window_s // BUCKET_S + 1, current + 1)]
-    return sum(int(raw) for raw in client.mget(keys) if raw is not None)
+    windows = [keys.written_window(b) for b in range(current - window_s // BUCKET_S + 1, current + 1)]
+    return sum(int(raw) for raw in client.mget(windows) if raw is not None)

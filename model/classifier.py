@@ -37,7 +37,7 @@ class ServingOptions:
     compile: bool = False
 
 
-# A worker process sets these once (Engine) before loading models, so hot-reloaded models get them too.
+# A worker process sets these once (worker.serving.Serving) before loading models, so hot-reloaded models get them too.
 _process_options = ServingOptions()
 
 

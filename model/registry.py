@@ -7,20 +7,17 @@
     MODEL_DIR/CHAMPION.lock                             flock: one writer of the two files above at a time
 
 A version directory is written under a temporary name and renamed, so a reader sees all of it or none.
-The champion files are changed only through :class:`imgq.champion.Champion` (``set_champion`` here is
-its no-Redis path), always under the lock: a reader holding it sees a pointer and history that agree.
+The champion files are changed only through :class:`model.champion.Champion` (with or without Redis),
+always under the lock: a reader holding it sees a pointer and history that agree.
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import os
 import secrets
 import shutil
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -40,12 +37,10 @@ from model.checkpoint import (
 )
 from model.meta import VERSION_PATTERN, ModelMeta, Triple, new_version_id
 from model.net import ModelConfig
+from model.pointer import CHAMPION_FILE, TRAIN_HINT, champion_version
 
 VERSIONS_DIR = "versions"
-CHAMPION_FILE = "CHAMPION"
-HISTORY_FILE = "CHAMPION_HISTORY"
-LOCK_FILE = "CHAMPION.lock"  # not a dot-file: those are temporaries, never left behind
-_TRAIN_HINT = "run `imgq train --data demo` to train one"
+_TRAIN_HINT = TRAIN_HINT
 
 
 def version_dir(model_dir: Path, version: str) -> Path:
@@ -101,80 +96,12 @@ def list_versions(model_dir: Path) -> list[ModelMeta]:
     return sorted(metas, key=lambda m: (m.created_at, m.version))
 
 
-def champion_version(model_dir: Path) -> str | None:
-    try:
-        version = (model_dir / CHAMPION_FILE).read_text(encoding="utf-8").strip()
-    except FileNotFoundError:
-        return None
-    return version or None
-
-
-def set_champion(model_dir: Path, version: str) -> None:
-    """Promote ``version`` in ``model_dir`` alone (no Redis); raises ``ImgqError`` if it was never published.
-
-    The same locked path as ``Champion(model_dir).set(version)``: there is one way to promote.
-    """
-    from imgq.champion import Champion  # imgq.champion builds on this module
-
-    Champion(model_dir).set(version)
-
-
 def require_published(model_dir: Path, version: str) -> None:
     """``ImgqError`` listing the versions there are, unless ``version`` is published in ``model_dir``."""
     if not VERSION_PATTERN.match(version) or not (version_dir(model_dir, version) / META_FILE).is_file():
         known = [m.version for m in list_versions(model_dir)]
         raise ImgqError(f"no model version {version!r} in {model_dir}; "
                         f"available: {', '.join(known) if known else 'none (' + _TRAIN_HINT + ')'}")
-
-
-@dataclass(frozen=True)
-class ChampionState:
-    """The champion and the promotions that led to it; ``history[-1] == pointer`` whenever both exist."""
-
-    pointer: str | None
-    history: tuple[str, ...]
-
-
-@contextmanager
-def champion_lock(model_dir: Path) -> Iterator[None]:
-    """Hold ``MODEL_DIR/CHAMPION.lock`` exclusively: one reader-and-writer of the champion files at a time."""
-    model_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(model_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
-
-
-def read_champion_state(model_dir: Path) -> ChampionState:
-    """The pointer and history on disk (hold ``champion_lock`` so the two agree)."""
-    pointer = champion_version(model_dir)
-    try:
-        text = (model_dir / HISTORY_FILE).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        text = ""  # a registry from before the history file: the history is the current champion
-    history = tuple(line.strip() for line in text.splitlines() if line.strip())
-    if pointer is not None and history[-1:] != (pointer,):
-        history = (*history, pointer)
-    return ChampionState(pointer, history)
-
-
-def write_champion_state(model_dir: Path, state: ChampionState) -> None:
-    """Replace both files, history first (readers follow the pointer); the caller holds ``champion_lock``."""
-    if state.pointer is None:
-        return
-    _replace(model_dir / HISTORY_FILE, "".join(v + "\n" for v in state.history))
-    _replace(model_dir / CHAMPION_FILE, state.pointer + "\n")
-
-
-def _replace(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def load_champion(model_dir: Path, device: str | torch.device = "cpu") -> Classifier:

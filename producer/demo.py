@@ -17,10 +17,10 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, TextIO
 
-from imgq.champion import Champion
 from imgq.settings import Settings
+from model.champion import Champion
 from model.demo_data import write_imagefolder
-from model.registry import champion_version
+from model.pointer import champion_version
 from model.train import EpochStats, TrainConfig, train
 from producer.run import RunReport, run_job
 

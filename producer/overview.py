@@ -3,7 +3,7 @@
 Everything comes from the shared Redis, so it works from any host: queue depths and unacknowledged
 messages (kombu's keys), live workers (a Celery ping), results written in the last minute
 (:mod:`imgq.throughput`), and the recent jobs (:meth:`JobStore.recent_jobs`). The champion is the pointer in Redis
-(:mod:`imgq.champion`), falling back to ``IMGQ_MODEL_DIR`` as seen from this host.
+(:mod:`model.champion`), falling back to ``IMGQ_MODEL_DIR`` as seen from this host.
 """
 
 from __future__ import annotations
@@ -15,12 +15,13 @@ from typing import Any
 
 from celery import Celery
 
+from imgq import keys
 from imgq.jobs import JobNotFoundError, JobStore
 from imgq.settings import Settings
 from imgq.throughput import written_last
 
 # kombu's Redis transport keeps delivered-but-unacknowledged messages in this hash (its default unacked_key).
-_UNACKED_KEY = "unacked"
+_UNACKED_KEY = keys.KOMBU_UNACKED
 THROUGHPUT_WINDOW_S = 60
 
 
@@ -40,7 +41,7 @@ class Overview:
 
 def collect_overview(settings: Settings, store: JobStore, app: Celery, *, recent: int = 10,
                      ping_timeout_s: float = 1.0) -> Overview:
-    from imgq.champion import Champion  # imports torch (via model): only here, not on `imgq status JOB`
+    from model.champion import Champion  # imports torch (via model): only here, not on `imgq status JOB`
 
     queues = [settings.classify_queue, settings.train_queue]
     with store.r.pipeline(transaction=False) as p:

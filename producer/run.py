@@ -9,12 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from imgq.errors import ModelNotFoundError
 from imgq.jobs import JobStore
+from imgq.local import LocalCluster
 from imgq.settings import Settings
-from model.registry import champion_version
+from model.pointer import require_champion
 from producer.export import ExportSummary, export_results
-from producer.local import LocalCluster
 from producer.reconcile import stall_repair
 from producer.submit import submit_urls
 from producer.wait import wait_for_job
@@ -42,10 +41,8 @@ def run_job(urls: Iterable[str], out: TextIO, *, settings: Settings, workers: in
             concurrency: int | None = None, fmt: str = "jsonl", progress: bool = True,
             reread: Callable[[], Iterable[str]] | None = None) -> RunReport:
     """``reread`` gives the URLs again, for re-enqueuing a stalled job's missing items (None: stdin)."""
-    if champion_version(settings.model_dir) is None:
-        raise ModelNotFoundError(f"no model in {settings.model_dir}; train one first: imgq train --data demo")
+    require_champion(settings.model_dir, settings.env_name("model_dir"))
     with LocalCluster(settings, workers=workers, concurrency=concurrency) as cluster:
-        assert cluster.app is not None
         store = JobStore.from_url(cluster.settings.redis_url, ttl_s=settings.job_ttl_s)
         try:
             start = time.monotonic()

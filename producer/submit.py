@@ -1,6 +1,6 @@
 """Submitting a job: record it in Redis and enqueue its URLs in batches, streaming the input.
 
-A line of the URL file that was not valid UTF-8 (:class:`producer.urls.UndecodableLine`) is answered here, at
+A line of the URL file that was not valid UTF-8 (:class:`producer.sources.UndecodableLine`) is answered here, at
 submit time, with an ``invalid_url`` result naming the line: it counts in the job like any item, and is never
 sent to a worker (its replacement characters would make it a different URL).
 
@@ -22,11 +22,11 @@ import redis
 from celery import Celery
 from kombu.exceptions import KombuError
 
+from imgq.celery_app import CLASSIFY_TASK
 from imgq.errors import ErrorCode, ImgqError, ItemError
 from imgq.jobs import JobStore, RedisFullError, result_record
 from imgq.settings import Settings
-from producer.urls import UndecodableLine
-from worker.app import CLASSIFY_TASK
+from producer.sources import UndecodableLine
 
 log = logging.getLogger(__name__)
 

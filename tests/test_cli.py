@@ -12,15 +12,16 @@ from pathlib import Path
 
 import pytest
 
+from imgq import keys
 from imgq.errors import SettingsError
 from imgq.settings import Settings
-from producer.urls import read_urls, rereader
-from tests.conftest import TEST_ENV, Cluster, ImageSite
+from producer.sources import read_urls, rereader
+from tests.support import TEST_ENV, Cluster, ImageSite
 
 
 def imgq(*args: str, env: dict[str, str], stdin: str | None = None, timeout: float = 120
          ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "producer", *args], env={**os.environ, **env}, input=stdin,
+    return subprocess.run([sys.executable, "-m", "cli", *args], env={**os.environ, **env}, input=stdin,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -39,7 +40,7 @@ def test_submit_wait_status_and_results_through_the_cli(cluster: Cluster, image_
     status = imgq("status", job, "--json", env=env)
     assert json.loads(status.stdout) == {"job_id": job, "total": 10, "done": 10, "failed": 0, "pending": 0,
                                          "state": "done", "dead_batches": 0}
-    assert cluster.store.status(job).total == 10 and cluster.store.r.hget(f"imgq:job:{job}", "batches") == b"4"
+    assert cluster.store.status(job).total == 10 and cluster.store.r.hget(keys.job(job), "batches") == b"4"
 
     as_csv = imgq("results", job, "--format", "csv", env=env)
     rows = list(csv.DictReader(io.StringIO(as_csv.stdout)))

@@ -22,15 +22,17 @@ import torch
 from aiohttp import web
 from PIL import Image
 
+from imgq import keys
 from imgq.errors import ErrorCode, ItemError
 from imgq.redis_server import RedisServer
 from imgq.settings import DEFAULT_IMAGE_FORMATS, Settings
 from tests import images
-from tests.conftest import Cluster, ImageSite, settings_for
 from tests.crafted import many_chunk_png, many_scan_jpeg, many_segment_jpeg, scan_count
 from tests.httpserver import HTTPTestServer
+from tests.support import Cluster, ImageSite, settings_for
 from worker.decode import decode_image, jpeg_scans
-from worker.engine import DecodePool, Engine, Prepared
+from worker.decode_pool import DecodePool, Prepared
+from worker.serving import Serving
 
 CRAFTED_SCANS = 3000  # ~9 s to decode unguarded on the 2-core test machine (5000 scans: 15 s)
 OPEN = "1000000"  # an IMGQ_MAX_JPEG_SCANS that lets the crafted image through to the decoder
@@ -170,11 +172,11 @@ def test_the_pool_ends_a_stuck_decode_and_keeps_decoding_the_rest() -> None:
         pool.shutdown()
 
 
-# -- an Engine in this process, against the session Redis and real HTTP --------------------------------------
+# -- an Serving in this process, against the session Redis and real HTTP --------------------------------------
 
 
-def make_engine(redis_server: RedisServer, model_dir: Path, **env: str) -> Engine:
-    return Engine(settings_for(redis_server.url, model_dir, **env))
+def make_engine(redis_server: RedisServer, model_dir: Path, **env: str) -> Serving:
+    return Serving(settings_for(redis_server.url, model_dir, **env))
 
 
 def test_structural_refusal_through_the_engine(redis_server: RedisServer, model_dir: Path, image_site: ImageSite,
@@ -269,7 +271,7 @@ def test_a_batch_ends_within_its_budget_when_its_fetches_queue_for_one_slow_host
 
 
 def deliveries(cluster: Cluster, job_id: str) -> dict[str, int]:
-    raw = cluster.store.r.hgetall(f"imgq:job:{job_id}:deliveries")
+    raw = cluster.store.r.hgetall(keys.deliveries(job_id))
     return {k.decode() if isinstance(k, bytes) else str(k): int(v) for k, v in raw.items()}
 
 

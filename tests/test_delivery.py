@@ -14,12 +14,13 @@ from pathlib import Path
 import pytest
 import redis
 
+from imgq import keys
 from imgq.errors import ImgqError
 from imgq.jobs import JobStore
 from imgq.redis_server import RedisServer
 from imgq.settings import Settings
 from producer.submit import submit_urls
-from tests.conftest import TEST_ENV, Cluster, ImageSite, settings_for
+from tests.support import TEST_ENV, Cluster, ImageSite, settings_for
 from worker.app import create_app
 
 MAX_DEPTH = 4
@@ -27,7 +28,7 @@ TTL_S = 90
 
 
 def imgq(*args: str, redis_url: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "producer", *args], capture_output=True, text=True, timeout=120,
+    return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True, timeout=120,
                           env={**os.environ, **TEST_ENV, "IMGQ_REDIS_URL": redis_url, **env})
 
 
@@ -48,7 +49,7 @@ def test_reconcile_enqueues_exactly_the_items_whose_results_were_lost(
     job = cluster.submit(urls)
     cluster.wait(job)
     lost = [3, 4, 17, 30, 39]
-    cluster.store.r.hdel(f"imgq:job:{job}:results", *map(str, lost))  # as if Redis lost the last writes
+    cluster.store.r.hdel(keys.results(job), *map(str, lost))  # as if Redis lost the last writes
     assert cluster.store.status(job).state == "running"
 
     url = cluster.settings.redis_url
@@ -146,10 +147,10 @@ def test_every_job_key_expires_within_the_job_ttl(small_cluster: Cluster, image_
     ensure_worker(c)
     job = c.submit([*distinct_urls(image_site, 5, "ttl"), image_site.url("no/such.jpg")])
     c.wait(job)
-    keys = [k.decode() for k in c.store.r.scan_iter(f"imgq:job:{job}*")]
+    found = [k.decode() for k in c.store.r.scan_iter(keys.job_pattern(job))]
     # The worker sets TTLs on the keys it writes, from the same IMGQ_JOB_TTL.
-    assert sorted(keys) == sorted(f"imgq:job:{job}{suffix}" for suffix in ("", ":results", ":deliveries"))
-    ttls = {k: c.store.r.ttl(k) for k in keys}
+    assert sorted(found) == sorted(keys.job(job) + suffix for suffix in ("", ":results", ":deliveries"))
+    ttls = {k: c.store.r.ttl(k) for k in found}
     assert all(0 < t <= TTL_S for t in ttls.values()), ttls
     assert Settings().job_ttl_s == 7 * 24 * 3600  # the default: a week
 
@@ -180,7 +181,7 @@ def test_one_visibility_timeout_feeds_every_transport_option() -> None:
     assert opts["unacked_restore_interval"] * opts["unacked_restore_throttle"] <= 90 / 5
 
 
-@pytest.mark.parametrize("command", [["-m", "producer", "worker"], ["-m", "celery", "-A", "worker.app", "worker"]])
+@pytest.mark.parametrize("command", [["-m", "cli", "worker"], ["-m", "celery", "-A", "worker.app", "worker"]])
 def test_a_worker_refuses_to_start_with_a_time_limit_not_below_the_visibility_timeout(
         command: list[str], redis_server: RedisServer, model_dir: Path) -> None:
     env = {**os.environ, "IMGQ_REDIS_URL": redis_server.url, "IMGQ_MODEL_DIR": str(model_dir),

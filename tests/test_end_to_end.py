@@ -11,8 +11,9 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from model.registry import champion_version
-from tests.conftest import Cluster, ImageSite, closed_port_url, read_jsonl
+from imgq import keys
+from model.pointer import champion_version
+from tests.support import Cluster, ImageSite, closed_port_url, read_jsonl
 
 
 def test_labels_match_the_served_images_classes(cluster: Cluster, image_site: ImageSite, model_dir: Path) -> None:
@@ -46,7 +47,7 @@ def test_a_thousand_urls_come_back_in_order_exactly_once(cluster: Cluster, image
     assert [r["index"] for r in results] == list(range(1000))
     assert [r["url"] for r in results] == urls
     # Exactly one result per index, not one per delivery.
-    assert cluster.store.r.hlen(f"imgq:job:{job}:results") == 1000
+    assert cluster.store.r.hlen(keys.results(job)) == 1000
 
 
 def test_bad_items_get_error_codes_and_the_rest_of_the_batch_is_labelled(
@@ -99,7 +100,7 @@ def test_worker_killed_mid_job_then_restarted_completes_every_index_once(
     results = private_cluster.results(job)
     assert [r["index"] for r in results] == list(range(len(urls)))
     assert Counter(int(str(r["index"])) for r in results) == Counter(range(len(urls)))
-    assert private_cluster.store.r.hlen(f"imgq:job:{job}:results") == len(urls)
+    assert private_cluster.store.r.hlen(keys.results(job)) == len(urls)
 
 
 def test_imgq_run_end_to_end_as_a_subprocess(model_dir: Path, image_site: ImageSite, tmp_path: Path) -> None:
@@ -109,7 +110,7 @@ def test_imgq_run_end_to_end_as_a_subprocess(model_dir: Path, image_site: ImageS
     out = tmp_path / "results.jsonl"
     env = {**os.environ, "IMGQ_MODEL_DIR": str(model_dir), "IMGQ_TORCH_THREADS": "1"}
     env.pop("IMGQ_ALLOW_NETWORKS", None)
-    proc = subprocess.run([sys.executable, "-m", "producer", "run", str(url_file), "-o", str(out), "-q",
+    proc = subprocess.run([sys.executable, "-m", "cli", "run", str(url_file), "-o", str(out), "-q",
                            "--allow-network", "127.0.0.0/8"], env=env, capture_output=True, text=True,
                           timeout=180)
     assert proc.returncode == 0, proc.stderr
@@ -128,7 +129,7 @@ def test_imgq_run_without_allow_network_blocks_loopback_and_says_how(
     url_file.write_text(next(iter(image_site.truth)) + "\n")
     env = {**os.environ, "IMGQ_MODEL_DIR": str(model_dir)}
     env.pop("IMGQ_ALLOW_NETWORKS", None)
-    proc = subprocess.run([sys.executable, "-m", "producer", "run", str(url_file), "-q"], env=env,
+    proc = subprocess.run([sys.executable, "-m", "cli", "run", str(url_file), "-q"], env=env,
                           capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr
     (record,) = [json.loads(line) for line in proc.stdout.splitlines()]

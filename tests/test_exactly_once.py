@@ -8,7 +8,7 @@ worker` processes and a real redis-server:
 - a batch lost between kombu's BRPOP and its unacked record comes back by itself (the workers' sweep), with
   no producer waiting.
 
-Faults are injected with a sitecustomize.py on the worker's PYTHONPATH that wraps one Engine method.
+Faults are injected with a sitecustomize.py on the worker's PYTHONPATH that wraps one Serving method.
 """
 
 from __future__ import annotations
@@ -29,10 +29,11 @@ import pytest
 import redis
 from aiohttp import web
 
+from imgq import keys
 from imgq.local import WorkerProcess
 from imgq.redis_server import RedisServer, free_port
-from tests.conftest import TEST_ENV, Cluster, ImageSite, settings_for
 from tests.httpserver import HTTPTestServer
+from tests.support import TEST_ENV, Cluster, ImageSite, settings_for
 
 pytestmark = pytest.mark.slow
 
@@ -41,19 +42,19 @@ _RECEIVED = re.compile(r"Task imgq\.classify\[([\w-]+)\] received")
 _FINISHED = re.compile(r"Task imgq\.classify\[([\w-]+)\] (?!received)")
 BATCH = int(TEST_ENV["IMGQ_BATCH_SIZE"])
 
-# Wraps Engine.fetch_prepare to remember the batch's URLs per thread, and Engine.predict to misbehave for a
+# Wraps Serving.fetch_prepare to remember the batch's URLs per thread, and Serving.predict to misbehave for a
 # batch with MARKER in a URL. "raise": the model's forward raises, in the batcher's thread (one batch at a time
 # with IMGQ_CONCURRENCY=1, so no other batch shares that forward pass). "sleep": sleeps SLEEP_S before the
 # forward, once across all processes (a flag file).
 _INJECT = '''
 import os, threading, time
 import model.classifier
-import worker.engine as engine
+import worker.serving as serving
 
 MARKER, MODE = os.environ["IMGQ_TEST_MARKER"], os.environ["IMGQ_TEST_MODE"]
 _local = threading.local()
 _explode = threading.Event()
-_fetch_prepare, _predict = engine.Engine.fetch_prepare, engine.Engine.predict
+_fetch_prepare, _predict = serving.Serving.fetch_prepare, serving.Serving.predict
 _forward = model.classifier.Classifier.predict
 
 def fetch_prepare(self, urls, model, **kw):
@@ -78,7 +79,7 @@ def forward(self, batch, k=3):
         raise RuntimeError("stand-in model: the forward pass exploded")
     return _forward(self, batch, k=k)
 
-engine.Engine.fetch_prepare, engine.Engine.predict = fetch_prepare, predict
+serving.Serving.fetch_prepare, serving.Serving.predict = fetch_prepare, predict
 model.classifier.Classifier.predict = forward
 '''
 
@@ -133,7 +134,7 @@ def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str | Call
 def every_index_once(cluster: Cluster, job: str, n: int) -> list[dict[str, object]]:
     status = cluster.store.status(job)
     assert (status.total, status.done, status.state) == (n, n, "done"), status
-    assert cluster.store.r.hlen(f"imgq:job:{job}:results") == n
+    assert cluster.store.r.hlen(keys.results(job)) == n
     results = cluster.results(job)
     assert [r["index"] for r in results] == list(range(n))
     return results
@@ -144,7 +145,7 @@ def codes(results: list[dict[str, object]]) -> Counter[str]:
 
 
 def deliveries(cluster: Cluster, job: str) -> dict[int, int]:
-    raw = cluster.store.r.hgetall(f"imgq:job:{job}:deliveries")
+    raw = cluster.store.r.hgetall(keys.deliveries(job))
     return {int(k): int(v) for k, v in raw.items()}
 
 
@@ -186,7 +187,7 @@ def test_a_forward_pass_that_raises_ends_its_batch_internal_and_the_rest_of_the_
     assert cluster.store.status(job).failed == BATCH
     # Acknowledged once, finished: not delivered again, nothing left pending.
     assert deliveries(cluster, job) == {b: 1 for b in range(4)}
-    assert not cluster.store.r.exists(f"imgq:job:{job}:pending")
+    assert not cluster.store.r.exists(keys.pending(job))
     assert all(w.proc.poll() is None for w in cluster.workers)
 
 
@@ -218,7 +219,7 @@ def test_a_batch_that_outlives_the_visibility_timeout_on_a_live_worker_is_waited
     assert f"batch {slow_batch}: delivered again while a live worker holds its lease" in text, text[-3000:]
     assert deliveries(cluster, job) == {b: 1 for b in range(4)}
     assert cluster.store.status(job).dead_batches == 0
-    assert not list(cluster.store.r.scan_iter(f"imgq:job:{job}:lease:*"))
+    assert not list(cluster.store.r.scan_iter(keys.job(job) + ":lease:*"))
     # The copy sees the batch done at its next poll, a moment after the holder's write ended the job.
     done_after = re.compile(rf"batch {slow_batch}: waited ([\d.]+) s for the lease; the batch is done")
     wait_until(lambda: done_after.search(logs(cluster)) is not None, 30, lambda: logs(cluster)[-3000:])
@@ -278,9 +279,9 @@ def test_redis_restarted_empty_mid_job_resurrects_nothing_and_reconcile_recreate
         dropped = time.monotonic() - restarted
 
         # Nothing of the job came back: no fragment of a job hash, no key without the job, no key without a TTL.
-        assert not list(admin.scan_iter(f"imgq:job:{job}*"))
-        keys = list(admin.scan_iter("imgq:*"))
-        assert all(admin.pttl(k) > 0 for k in keys), {k: admin.pttl(k) for k in keys}
+        assert not list(admin.scan_iter(keys.job_pattern(job)))
+        found = list(admin.scan_iter(keys.PREFIX + ":*"))
+        assert all(admin.pttl(k) > 0 for k in found), {k: admin.pttl(k) for k in found}
 
         env = {**os.environ, **TEST_ENV, "IMGQ_REDIS_URL": second.url}
         status = subprocess.run([sys.executable, "-m", "cli", "status", job], env=env, capture_output=True,
@@ -297,7 +298,7 @@ def test_redis_restarted_empty_mid_job_resurrects_nothing_and_reconcile_recreate
                    lambda: f"the reconciled job: {cluster.store.status(job)}\n{worker.log_tail()}")
         results = every_index_once(cluster, job, len(urls))
         assert not codes(results) and {r["label"] for r in results} == {label}
-        assert all(admin.ttl(k) > 0 for k in admin.scan_iter(f"imgq:job:{job}*"))
+        assert all(admin.ttl(k) > 0 for k in admin.scan_iter(keys.job_pattern(job)))
         assert restarts <= 1
         report("Redis restarted empty -> in-flight batches dropped, worker idle", dropped)
         report("Redis restarted empty -> reconcile completed the job", time.monotonic() - restarted)
@@ -329,8 +330,8 @@ def test_a_batch_lost_between_brpop_and_its_unacked_record_comes_back_with_no_pr
     assert not codes(results) and {r["label"] for r in results} == {label}
     assert f"job {job} batch 0: not queued, not unacknowledged and not leased in two sweeps" in logs(cluster)
     assert deliveries(cluster, job) == {b: 1 for b in range(-(-n // BATCH))}
-    assert not cluster.store.r.exists(f"imgq:job:{job}:pending")
-    assert job.encode() not in cluster.store.r.smembers("imgq:active")
+    assert not cluster.store.r.exists(keys.pending(job))
+    assert job.encode() not in cluster.store.r.smembers(keys.ACTIVE_JOBS)
     report(f"batch lost in transit -> sent again by the sweep (IMGQ_SWEEP_INTERVAL={TEST_ENV['IMGQ_SWEEP_INTERVAL']}"
            " s), job complete, from worker ready", back)
 
@@ -349,7 +350,7 @@ def test_sigkill_of_a_worker_mid_batch_still_counts_a_delivery_and_the_survivor_
     urls[0] = server.url("/img.png?stall")
     job = cluster.submit(urls)
     wait_until(lambda: (tmp_path / "stalled-once").exists(), 60, "the victim to stall on the batch")
-    assert cluster.store.r.exists(f"imgq:job:{job}:lease:0")
+    assert cluster.store.r.exists(keys.lease(job, 0))
     os.killpg(victim.proc.pid, signal.SIGKILL)
     victim.proc.wait()
     killed = time.monotonic()

@@ -26,10 +26,11 @@ import pytest
 import redis
 from aiohttp import web
 
+from imgq import keys
 from imgq.redis_server import RedisServer, free_port
 from producer.submit import submit_urls
-from tests.conftest import TEST_ENV, Cluster, ImageSite, settings_for
 from tests.httpserver import HTTPTestServer
+from tests.support import TEST_ENV, Cluster, ImageSite, settings_for
 
 pytestmark = pytest.mark.slow
 
@@ -83,7 +84,7 @@ def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str) -> No
 def assert_every_index_once(cluster: Cluster, job: str, n: int) -> list[dict[str, object]]:
     status = cluster.store.status(job)
     assert (status.total, status.done, status.state) == (n, n, "done"), status
-    assert cluster.store.r.hlen(f"imgq:job:{job}:results") == n
+    assert cluster.store.r.hlen(keys.results(job)) == n
     results = cluster.results(job)
     assert [r["index"] for r in results] == list(range(n))
     return results
@@ -120,7 +121,7 @@ def test_worker_sigkilled_survivor_takes_over_within_the_visibility_timeout(
     recovery = time.monotonic() - killed
     assert_all_labelled(assert_every_index_once(cluster, job, len(urls)), label)
     # kombu restores a dead worker's batches once they are visibility_timeout old, checked every vt/5 s.
-    redelivered = [int(n) for n in cluster.store.r.hvals(f"imgq:job:{job}:deliveries")]
+    redelivered = [int(n) for n in cluster.store.r.hvals(keys.deliveries(job))]
     assert max(redelivered) >= 2, "no batch of the victim's was delivered again"
     vt = cluster.settings.visibility_timeout_s
     assert recovery < vt * 1.2 + 15, f"recovery took {recovery:.1f} s with IMGQ_VISIBILITY_TIMEOUT={vt:g}"
@@ -233,15 +234,15 @@ def test_poison_item_that_kills_every_worker_ends_worker_lost_and_the_job_comple
     assert cluster.store.dead_batches(job) == [
         {"batch": poison_index // batch, "deliveries": 2, "indices": list(poison_batch)}]
 
-    proc = subprocess.run([sys.executable, "-m", "producer", "status", job], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "cli", "status", job], capture_output=True, text=True,
                           env={**os.environ, "IMGQ_REDIS_URL": cluster.settings.redis_url}, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert re.search(r"dead_batches: 1\b", proc.stdout)
     assert f"dead batch {poison_index // batch}: {batch} items ended as worker_lost after 2 deliveries" in proc.stdout
 
-    keys = list(cluster.store.r.scan_iter(f"imgq:job:{job}*"))
-    assert {k.decode().removeprefix(f"imgq:job:{job}") for k in keys} == {"", ":results", ":deliveries", ":dead"}
-    assert all(0 < cluster.store.r.ttl(k) <= 300 for k in keys)
+    found = list(cluster.store.r.scan_iter(keys.job_pattern(job)))
+    assert {k.decode().removeprefix(keys.job(job)) for k in found} == {"", ":results", ":deliveries", ":dead"}
+    assert all(0 < cluster.store.r.ttl(k) <= 300 for k in found)
 
 
 def _persistent_redis(data_dir: Path, port: int) -> RedisServer:
@@ -356,7 +357,7 @@ def test_redis_out_of_memory_submit_says_what_was_accepted_and_reconcile_finishe
     url_file.write_text("\n".join(urls) + "\n")
     env = {**os.environ, **TEST_ENV, "IMGQ_REDIS_URL": full_redis.url}
 
-    proc = subprocess.run([sys.executable, "-m", "producer", "submit", str(url_file)], env=env,
+    proc = subprocess.run([sys.executable, "-m", "cli", "submit", str(url_file)], env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1, proc.stderr
     job = proc.stdout.strip().splitlines()[-1]
@@ -369,14 +370,14 @@ def test_redis_out_of_memory_submit_says_what_was_accepted_and_reconcile_finishe
     status = cluster.store.status(job)
     assert (status.total, status.done, status.state) == (accepted, 0, "submitting")
     assert admin.llen(cluster.settings.classify_queue) == batches
-    assert admin.hget(f"imgq:job:{job}", "batches") == str(batches).encode()
+    assert admin.hget(keys.job(job), "batches") == str(batches).encode()
     assert admin.info("stats")["evicted_keys"] == 0
 
     admin.config_set("maxmemory", 0)  # the operator makes room
     cluster.start_worker()
     cluster.wait_ready()
     wait_until(lambda: cluster.store.status(job).done == accepted, 90, "the accepted part")
-    proc = subprocess.run([sys.executable, "-m", "producer", "reconcile", job, str(url_file)], env=env,
+    proc = subprocess.run([sys.executable, "-m", "cli", "reconcile", job, str(url_file)], env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     rest = len(urls) - accepted

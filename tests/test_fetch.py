@@ -1,4 +1,4 @@
-"""worker.urls, worker.netguard and worker.fetch against a real HTTP server on 127.0.0.1.
+"""worker.urlcheck, worker.netguard and worker.fetch against a real HTTP server on 127.0.0.1.
 
 Loopback is blocked by default, so cases that need the test server use LOOPBACK settings, which allow
 127.0.0.0/8 exactly as an operator would with IMGQ_ALLOW_NETWORKS.
@@ -22,7 +22,7 @@ from tests import images
 from tests.httpserver import HTTPTestServer, chunked_body, drop_mid_body, raw_response, trickle
 from worker.fetch import Fetcher, fetch_all
 from worker.netguard import is_blocked, parse_allow, parse_ipv4_host
-from worker.urls import validate_url
+from worker.urlcheck import validate_url
 
 CAP = 1_000_000
 LOOPBACK = Settings(allow_networks=("127.0.0.0/8",), max_bytes=CAP, fetch_timeout_s=1.5, connect_timeout_s=1.0)

@@ -16,15 +16,17 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from imgq.champion import CHAMPION_KEY, Champion
+from cli.lifecycle import follow_retrain, trigger_retrain
+from imgq import keys
 from imgq.redis_server import RedisServer
+from model.champion import CHAMPION_KEY, Champion
 from model.checkpoint import WEIGHTS_FILE
-from model.registry import champion_version, list_versions, version_dir
+from model.pointer import champion_version
+from model.registry import list_versions, version_dir
 from model.report import CONFUSION_FILE, CURVES_FILE, METRICS_FILE
-from producer.lifecycle import follow_retrain, trigger_retrain
-from tests.conftest import Cluster, ImageSite, closed_port_url, settings_for
+from model.retrain import RetrainRequest, events_key
+from tests.support import Cluster, ImageSite, closed_port_url, settings_for
 from worker.manifest import read_manifest
-from worker.retrain import RetrainRequest, events_key
 
 
 @pytest.fixture
@@ -41,7 +43,7 @@ def lifecycle(model_dir: Path, tmp_path: Path) -> Iterator[Cluster]:
 
 def imgq(*args: str, cluster: Cluster, timeout: float = 240) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, **cluster.settings.to_env()}
-    return subprocess.run([sys.executable, "-m", "producer", *args], env=env, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "cli", *args], env=env, capture_output=True, text=True,
                           timeout=timeout)
 
 
@@ -177,7 +179,7 @@ def test_a_corrupt_champion_is_refused_and_the_old_model_keeps_serving(
 def test_beat_fires_retrains_on_schedule_once_per_tick_even_with_two_beats(lifecycle: Cluster,
                                                                             tmp_path: Path) -> None:
     env = {**os.environ, **lifecycle.settings.to_env(), "IMGQ_RETRAIN_INTERVAL": "1", "IMGQ_RETRAIN_EPOCHS": "1"}
-    beats = [subprocess.Popen([sys.executable, "-m", "producer", "beat", "--schedule-file", str(tmp_path / f"s{i}"),
+    beats = [subprocess.Popen([sys.executable, "-m", "cli", "beat", "--schedule-file", str(tmp_path / f"s{i}"),
                                "--loglevel", "INFO"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True) for i in range(2)]
     try:
@@ -192,7 +194,7 @@ def test_beat_fires_retrains_on_schedule_once_per_tick_even_with_two_beats(lifec
         logs = [b.communicate(timeout=30)[0] for b in beats]
     messages = [json.loads(raw) for raw in lifecycle.store.r.lrange(queue, 0, -1)]
     assert {m["headers"]["task"] for m in messages} == {"imgq.retrain"}
-    ticks = lifecycle.store.r.keys("imgq:beat:imgq-retrain:*")
+    ticks = lifecycle.store.r.keys(keys.beat_tick("imgq-retrain", 0).removesuffix("0") + "*")
     assert len(messages) == len(ticks)  # one message per tick, not one per beat
     assert any("already fired by another beat" in log for log in logs), logs
 
@@ -240,7 +242,7 @@ def test_low_confidence_results_export_as_a_review_manifest(cluster: Cluster, im
     cut = confidences[len(confidences) // 2]  # about half the items fall below
     out = tmp_path / "review.csv"
     env = {**os.environ, **cluster.settings.to_env()}
-    proc = subprocess.run([sys.executable, "-m", "producer", "results", job, "--below", str(cut), "-o", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "cli", "results", job, "--below", str(cut), "-o", str(out)],
                           env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     rows = list(csv.DictReader(out.open()))

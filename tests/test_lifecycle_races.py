@@ -24,21 +24,23 @@ from typing import Any
 import pytest
 import redis
 
-from imgq.champion import CHAMPION_KEY, HISTORY_KEY, Champion
+from cli.lifecycle import follow_retrain, trigger_retrain
 from imgq.redis_server import RedisServer, free_port
 from imgq.settings import Settings
+from model.champion import CHAMPION_KEY, HISTORY_KEY, Champion
+from model.pointer import CHAMPION_FILE, HISTORY_FILE, champion_version
 from model.promotion import Decision, decide
-from model.registry import CHAMPION_FILE, HISTORY_FILE, champion_version, version_dir
-from producer.lifecycle import follow_retrain, trigger_retrain
-from tests.conftest import Cluster, settings_for
-from worker.retrain import LOCK_KEY, RetrainRequest, events_key, train_and_gate
+from model.registry import version_dir
+from model.retrain import LOCK_KEY, RetrainRequest, events_key, train_and_gate
+from tests.support import Cluster, settings_for
+from worker.manifest import load_training_data
 
-# A long-lived process that runs the real CLI (`producer.cli.main`) once per JSON argv line on stdin and
+# A long-lived process that runs the real CLI (`cli.main.main`) once per JSON argv line on stdin and
 # answers one JSON line: promotions from several of them, released together, really overlap (a fresh
-# `python -m producer` per call spends seconds importing torch, so calls would rarely meet).
+# `python -m cli` per call spends seconds importing torch, so calls would rarely meet).
 CLI_DRIVER = r"""
 import json, os, sys, tempfile
-from producer.cli import main
+from cli.main import main
 answers = os.fdopen(os.dup(1), "w")  # fd 1 itself is pointed at a file per call: the CLI prints to it
 for line in sys.stdin:
     with tempfile.TemporaryFile("w+") as out:
@@ -160,7 +162,7 @@ def lifecycle(models: Path, tmp_path: Path) -> Iterator[Cluster]:
 
 def imgq(*args: str, settings: Settings, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, **settings.to_env()}
-    return subprocess.run([sys.executable, "-m", "producer", *args], env=env, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "cli", *args], env=env, capture_output=True, text=True,
                           timeout=timeout)
 
 
@@ -263,10 +265,11 @@ def test_the_gate_holds_back_a_candidate_if_the_champion_changed_while_it_was_me
             assert proc.returncode == 0, proc.stderr
             return decision
 
-        monkeypatch.setattr("worker.retrain.decide", decide_while_someone_promotes)
+        monkeypatch.setattr("model.retrain.decide", decide_while_someone_promotes)
         client = redis.Redis.from_url(server.url)
         try:
-            outcome = train_and_gate(settings, Champion(models, client), RetrainRequest(epochs=1))
+            outcome = train_and_gate(settings, Champion(models, client), RetrainRequest(epochs=1),
+                                     load_data=load_training_data)
             assert not outcome["promoted"], outcome
             assert f"the champion changed during gating ({versions[0]} -> {versions[1]})" in outcome["reason"]
             assert client.get(CHAMPION_KEY) == versions[1].encode() == (models / CHAMPION_FILE).read_bytes().strip()
@@ -296,7 +299,7 @@ def test_concurrent_promotions_and_rollbacks_leave_one_champion(models: Path, tm
         assert disagreements == []
         # And a fresh CLI process (no warm state) gives the same answer.
         env = {**os.environ, **settings.to_env()}
-        proc = subprocess.run([sys.executable, "-m", "producer", "models", "list", "--json"], env=env,
+        proc = subprocess.run([sys.executable, "-m", "cli", "models", "list", "--json"], env=env,
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr
         assert [m["version"] for m in json.loads(proc.stdout) if m["champion"]] == [champion_version(models)]

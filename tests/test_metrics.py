@@ -11,8 +11,8 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 from imgq.redis_server import free_port
-from model.registry import champion_version
-from tests.conftest import Cluster, ImageSite, closed_port_url
+from model.pointer import champion_version
+from tests.support import Cluster, ImageSite, closed_port_url
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 

@@ -21,35 +21,17 @@ import torch
 from PIL import Image
 
 from imgq.errors import ImgqError, ModelNotFoundError
-from model import (
-    ARCHITECTURES,
-    CLASSES,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    ArtifactError,
-    Classifier,
-    ModelConfig,
-    ModelMeta,
-    Preprocess,
-    TrainConfig,
-    TrainPreprocess,
-    TrainResult,
-    build_model,
-    champion_version,
-    demo_images,
-    list_versions,
-    load_champion,
-    load_checkpoint,
-    load_source,
-    new_version_id,
-    publish,
-    save_checkpoint,
-    set_champion,
-    to_rgb,
-    train,
-    write_imagefolder,
-)
-from model.meta import VERSION_PATTERN
+from model.champion import Champion
+from model.checkpoint import ArtifactError, load_checkpoint, save_checkpoint
+from model.classifier import Classifier
+from model.data import load_source
+from model.demo_data import CLASSES, demo_images, write_imagefolder
+from model.meta import VERSION_PATTERN, ModelMeta, new_version_id
+from model.net import ARCHITECTURES, ModelConfig, build_model
+from model.pointer import champion_version
+from model.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess, TrainPreprocess, to_rgb
+from model.registry import list_versions, load_champion, publish
+from model.train import TrainConfig, TrainResult, train
 
 
 def _digest(images: list[tuple[Image.Image, int]]) -> list[str]:
@@ -332,14 +314,14 @@ def test_registry_publish_list_and_promote(trained: TrainResult, tmp_path: Path)
     with pytest.raises(ModelNotFoundError, match="2 unpromoted versions"):
         load_champion(tmp_path)
 
-    set_champion(tmp_path, second)
+    Champion(tmp_path).set(second)
     assert champion_version(tmp_path) == second and load_champion(tmp_path).version == second
-    set_champion(tmp_path, first)
+    Champion(tmp_path).set(first)
     assert load_champion(tmp_path).version == first
     with pytest.raises(ImgqError, match=f"available: {first}, {second}"):
-        set_champion(tmp_path, "20200101T000000Z-00000000")
+        Champion(tmp_path).set("20200101T000000Z-00000000")
     with pytest.raises(ImgqError, match="no model version"):
-        set_champion(tmp_path, "../../etc")
+        Champion(tmp_path).set("../../etc")
     assert not list(tmp_path.glob("versions/.*")) and not list(tmp_path.glob(".*"))
 
 

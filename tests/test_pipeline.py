@@ -12,17 +12,17 @@ import torch
 from imgq.jobs import JobStore
 from imgq.redis_server import RedisServer
 from imgq.throughput import written_last
-from model import Classifier
+from model.classifier import Classifier, Prediction
 from model.registry import load_champion
-from tests.conftest import ImageSite, settings_for
-from worker.batcher import Batcher, Prediction
-from worker.engine import Engine
+from tests.support import ImageSite, settings_for
+from worker.batcher import Batcher
 from worker.pipeline import classify_batch
+from worker.serving import Serving
 
 
 @pytest.fixture(scope="module")
-def engine(redis_server: RedisServer, model_dir: Path) -> Iterator[Engine]:
-    e = Engine(settings_for(redis_server.url, model_dir, IMGQ_MAX_DELIVERIES="2"))
+def engine(redis_server: RedisServer, model_dir: Path) -> Iterator[Serving]:
+    e = Serving(settings_for(redis_server.url, model_dir, IMGQ_MAX_DELIVERIES="2"))
     yield e
     e.close()
 
@@ -39,7 +39,7 @@ def _items(site: ImageSite, n: int) -> list[tuple[int, str]]:
 
 
 def test_a_batch_writes_one_record_per_item_and_redelivery_writes_nothing(
-        engine: Engine, store: JobStore, image_site: ImageSite) -> None:
+        engine: Serving, store: JobStore, image_site: ImageSite) -> None:
     job = store.create_job()
     items = _items(image_site, 8)
     store.add_batches(job, items=len(items), batches=1)
@@ -58,7 +58,7 @@ def test_a_batch_writes_one_record_per_item_and_redelivery_writes_nothing(
     assert all(r["label"] == image_site.truth[r["url"]] for r in first[:-1])  # type: ignore[index]
 
 
-def test_a_batch_delivered_too_often_ends_as_worker_lost(engine: Engine, store: JobStore,
+def test_a_batch_delivered_too_often_ends_as_worker_lost(engine: Serving, store: JobStore,
                                                          image_site: ImageSite) -> None:
     job = store.create_job()
     items = _items(image_site, 4)

@@ -17,9 +17,10 @@ import torch
 
 from imgq.errors import ItemError, SettingsError
 from imgq.settings import Settings
-from model import Classifier, ModelConfig, ModelMeta, build_model
-from model.classifier import ServingOptions, configure_serving
+from model.classifier import Classifier, ServingOptions, configure_serving
 from model.demo_data import CLASSES
+from model.meta import ModelMeta
+from model.net import ModelConfig, build_model
 from model.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from tests.images import exif_rotated_jpeg, jpeg, png
 from worker import cores

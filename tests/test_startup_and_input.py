@@ -30,17 +30,18 @@ import redis
 import torch
 from aiohttp import web
 
+from imgq import keys
 from imgq.jobs import JobStore
+from imgq.local import WorkerProcess
 from imgq.redis_server import RedisServer
 from imgq.settings import Settings
-from producer.local import WorkerProcess
 from producer.reconcile import find_missing
+from producer.sources import UndecodableLine, read_urls
 from producer.submit import submit_urls
-from producer.urls import UndecodableLine, read_urls
-from tests.conftest import TEST_ENV, ImageSite, closed_port_url, read_jsonl, settings_for
 from tests.httpserver import HTTPTestServer
+from tests.support import TEST_ENV, ImageSite, closed_port_url, read_jsonl, settings_for
 from worker.app import create_app
-from worker.urls import validate_url
+from worker.urlcheck import validate_url
 
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="checks a host without CUDA")
 
@@ -51,7 +52,7 @@ def _env(redis_url: str, model_dir: Path, **extra: str) -> dict[str, str]:
 
 
 def _imgq_worker(*args: str, env: dict[str, str], timeout: float = 180) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "producer", "worker", *args], env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "cli", "worker", *args], env=env, capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -114,7 +115,7 @@ def _corrupt_weights(model_dir: Path, tmp_path: Path, queued: _Queued) -> tuple[
 
 
 def _pointer_to_nothing(model_dir: Path, tmp_path: Path, queued: _Queued) -> tuple[Path, str]:
-    queued.store.r.set("imgq:champion", "20990101T000000Z-deadbeef")  # Redis's pointer wins over the disk's
+    queued.store.r.set(keys.CHAMPION, "20990101T000000Z-deadbeef")  # Redis's pointer wins over the disk's
     return model_dir, "20990101T000000Z-deadbeef"
 
 
@@ -155,7 +156,7 @@ def test_the_supervisor_restarts_a_child_that_stops_on_its_own_with_bounded_back
         tmp_path: Path) -> None:
     """Children that die at once (a sitecustomize exits with ``code``): restarted with back-off, at most
     MAX_RESTARTS times in the window, then given up; a start-up refusal (3) is never restarted."""
-    from producer import supervisor
+    from worker import supervisor
 
     monkeypatch.setattr(supervisor, "BACKOFF_S", 0.01)
     monkeypatch.setattr(supervisor, "BACKOFF_MAX_S", 0.05)
@@ -176,7 +177,7 @@ class _Supervisor:
     def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
         self.log = log
         with open(log, "wb") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "producer", "worker", *args], env=env,
+            self.proc = subprocess.Popen([sys.executable, "-m", "cli", "worker", *args], env=env,
                                          stdout=out, stderr=subprocess.STDOUT)
 
     def text(self) -> str:
@@ -235,7 +236,7 @@ def test_redis_out_of_memory_mid_job_workers_restart_and_the_job_completes(
             n = 480
             job = submit_urls([server.url(f"/slow.jpg?i={i}") for i in range(n)], settings=settings, store=store,
                               app=app)
-            results = f"imgq:job:{job}:results"
+            results = keys.results(job)
             _wait_until(lambda: admin.hlen(results) >= 16, 60, "the job under way")
             admin.config_set("maxmemory", admin.info("memory")["used_memory"] + 1000)  # just above used
             try:
@@ -294,7 +295,7 @@ def test_read_urls_drops_byte_order_marks_and_flags_undecodable_lines_also_on_st
     bad = urls[1]
     assert isinstance(bad, UndecodableLine)
     assert bad.reason == "line 4 is not valid UTF-8 (byte 0xff at offset 9); the URL was not fetched"
-    script = ("import json; from producer.urls import read_urls; "
+    script = ("import json; from producer.sources import read_urls; "
               "print(json.dumps([[u, getattr(u, 'reason', None)] for u in read_urls('-')]))")
     proc = subprocess.run([sys.executable, "-c", script], input=data, capture_output=True, timeout=60,
                           cwd=Path(__file__).resolve().parent.parent)
@@ -353,7 +354,7 @@ def test_imgq_run_on_a_file_with_a_bom_and_a_line_of_invalid_utf8(
         url_file.write_bytes(b"\r\n".join(lines) + b"\r\n")
         out = tmp_path / "results.jsonl"
         env = {**os.environ, **TEST_ENV, "IMGQ_MODEL_DIR": str(model_dir)}
-        proc = subprocess.run([sys.executable, "-m", "producer", "run", str(url_file), "-o", str(out), "-q"],
+        proc = subprocess.run([sys.executable, "-m", "cli", "run", str(url_file), "-o", str(out), "-q"],
                               env=env, capture_output=True, text=True, timeout=240)
         assert proc.returncode == 0, proc.stderr
         # Nothing but the two real images was asked for: no request for a mangled URL reached the server.

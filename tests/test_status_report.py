@@ -16,12 +16,12 @@ from pathlib import Path
 
 from PIL import Image
 
-from model.registry import champion_version
-from tests.conftest import TEST_ENV, Cluster, ImageSite, closed_port_url
+from model.pointer import champion_version
+from tests.support import TEST_ENV, Cluster, ImageSite, closed_port_url
 
 
 def imgq(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "producer", *args], env={**os.environ, **env},
+    return subprocess.run([sys.executable, "-m", "cli", *args], env={**os.environ, **env},
                           capture_output=True, text=True, timeout=timeout)
 
 

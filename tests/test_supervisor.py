@@ -26,9 +26,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from imgq.errors import ImgqError
 from imgq.redis_server import RedisServer, free_port
 from imgq.settings import Settings
-from producer.supervisor import cpu_shares, parse_nvidia_smi, resolve_gpus
-from tests.conftest import TEST_ENV
+from tests.support import TEST_ENV
 from worker.app import create_app
+from worker.supervisor import cpu_shares, parse_nvidia_smi, resolve_gpus
 
 HOST = socket.gethostname()
 
@@ -78,7 +78,7 @@ class Supervised:
     def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
         self.log = log
         with open(log, "wb") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "producer", "worker", *args], env=env, stdout=out,
+            self.proc = subprocess.Popen([sys.executable, "-m", "cli", "worker", *args], env=env, stdout=out,
                                          stderr=subprocess.STDOUT)
 
     def tail(self) -> str:

@@ -30,6 +30,7 @@ from celery import Celery, signals
 
 from imgq.celery_app import CLASSIFY_TASK, RETRAIN_TASK, create_app
 from imgq.celery_app import app_settings as _app_settings
+from imgq.errors import ExitCode, ModelNotFoundError
 from imgq.settings import Settings
 from worker import metrics
 
@@ -37,8 +38,8 @@ __all__ = ["CLASSIFY_TASK", "EXIT_REFUSED", "EXIT_RETRY", "RETRAIN_TASK", "app",
 
 # Exit codes of a worker that stops on its own. EXIT_REFUSED: it cannot serve as configured (no model, bad
 # model, device missing); restarting would not help. EXIT_RETRY: a transient failure; restart it.
-EXIT_REFUSED = 3
-EXIT_RETRY = 1
+EXIT_REFUSED = ExitCode.REFUSED
+EXIT_RETRY = ExitCode.FAILED
 
 log = logging.getLogger(__name__)
 
@@ -79,12 +80,14 @@ def refuse(why: str, *, code: int = EXIT_REFUSED) -> NoReturn:
 @signals.worker_init.connect
 def _refuse_without_model(sender: Any = None, **_: Any) -> None:
     # Checked on disk only: worker_init runs in the parent of a prefork pool, where CUDA must stay untouched.
-    from model.registry import champion_version
+    from model.pointer import require_champion
 
     settings = app_settings()
-    if _serves_classify(sender) and champion_version(settings.model_dir) is None:
-        refuse(f"no model in {settings.model_dir} ({settings.env_name('model_dir')}). "
-               "Train one first: imgq train --data demo")
+    if _serves_classify(sender):
+        try:
+            require_champion(settings.model_dir, settings.env_name("model_dir"))
+        except ModelNotFoundError as exc:
+            refuse(str(exc))
 
 
 @signals.worker_init.connect
@@ -98,7 +101,7 @@ def _build_engine(sender: Any = None, **_: Any) -> None:
     # consumer starts, so a worker that cannot serve never takes a batch. A prefork pool builds one per child.
     if _pool_name(sender) not in ("threads", "solo") or not _serves_classify(sender):
         return
-    from worker.engine import get_engine
+    from worker.serving import get_serving
 
     settings = app_settings()
     # Warnings raised while probing the device (torch's "CUDA initialization: ..." on a host without a GPU)
@@ -106,7 +109,7 @@ def _build_engine(sender: Any = None, **_: Any) -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            engine = get_engine()
+            engine = get_serving(settings)
         except redis.RedisError as exc:
             refuse(f"Redis failed at start-up ({type(exc).__name__}: {exc}); exiting {EXIT_RETRY} to be "
                    "restarted", code=EXIT_RETRY)
@@ -182,13 +185,13 @@ def _observe_queue_wait(task: Any = None, **_: Any) -> None:
 
 @signals.worker_process_init.connect
 def _warm_up_child(**_: Any) -> None:
-    from worker.engine import get_engine
+    from worker.serving import get_serving
 
-    get_engine()
+    get_serving(app_settings())
 
 
 @signals.worker_shutdown.connect
-def _close_engine(**_: Any) -> None:
-    from worker.engine import close_engine
+def _close_serving(**_: Any) -> None:
+    from worker.serving import close_serving
 
-    close_engine()
+    close_serving()

@@ -16,10 +16,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from model import Classifier
+from model.classifier import Classifier, Prediction
 from worker import metrics
-
-Prediction = list[tuple[str, float]]
 
 
 @dataclass

@@ -28,10 +28,12 @@ import io
 import struct
 from collections.abc import Sequence
 
+import torch
 from PIL import Image
 
 from imgq.errors import ErrorCode, ItemError
 from imgq.settings import Settings
+from model.classifier import Classifier
 from model.preprocess import to_rgb
 
 # For callers that do not pass the setting (the report's thumbnails, training manifests): its default.
@@ -208,3 +210,11 @@ def _check_size(im: Image.Image, fmt: str, max_pixels: int) -> None:
             ErrorCode.TOO_LARGE,
             f"{fmt} is {width}x{height} = {width * height} pixels; the limit is {max_pixels} (IMGQ_MAX_PIXELS)",
         )
+
+
+def prepare_image(body: bytes, model: Classifier, settings: Settings) -> torch.Tensor:
+    """Untrusted bytes -> the model's input tensor (ItemError for bad input): the per-image work of serving,
+    which the benchmark's ceiling runs too."""
+    image = decode_image(body, max_pixels=settings.max_pixels, formats=settings.image_formats,
+                         draft_size=model.preprocess.size, max_jpeg_scans=settings.max_jpeg_scans)
+    return model.preprocess(image)

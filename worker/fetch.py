@@ -3,7 +3,7 @@
 One :class:`Fetcher` per worker process holds one ``aiohttp.ClientSession`` (keep-alive pooling, at most
 ``fetch_concurrency`` connections, ``per_host_concurrency`` per host). Every fetch:
 
-* validates the URL before any I/O (:func:`worker.urls.validate_url` -> ``invalid_url``);
+* validates the URL before any I/O (:func:`worker.urlcheck.validate_url` -> ``invalid_url``);
 * checks the address it connects to (:mod:`worker.netguard` -> ``blocked_address``): IP-literal hosts here,
   names in the guarded resolver, which hands aiohttp only the addresses it checked;
 * follows at most ``max_redirects`` redirects by hand, validating and checking every hop. One more redirect
@@ -49,7 +49,7 @@ from worker.netguard import (
     parse_allow,
     parse_ip_host,
 )
-from worker.urls import validate_url
+from worker.urlcheck import validate_url
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from torchvision.transforms.v2 import functional as F
 
 from imgq.errors import ItemError
 from imgq.settings import Settings
-from model import Classifier
+from model.classifier import Classifier
 from worker.decode import check_complexity, sniff_format
 
 _ORIENTATION = 0x0112  # EXIF tag

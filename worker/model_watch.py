@@ -14,10 +14,11 @@ import time
 import redis
 import torch
 
-from imgq.champion import Champion
 from imgq.errors import ImgqError, ModelNotFoundError
+from model.champion import Champion
 from model.checkpoint import load_checkpoint
 from model.classifier import Classifier
+from model.pointer import TRAIN_HINT
 from model.registry import version_dir
 
 log = logging.getLogger(__name__)
@@ -32,8 +33,7 @@ class ModelWatcher:
         self._lock = threading.Lock()
         version = champion.get()
         if version is None:
-            raise ModelNotFoundError(f"no champion model in {champion.model_dir}: "
-                                     "run `imgq train --data demo` to train one")
+            raise ModelNotFoundError(f"no champion model in {champion.model_dir}; {TRAIN_HINT}")
         self._model = load_checkpoint(version_dir(champion.model_dir, version), device)
         self._next_check = time.monotonic() + check_every_s
 

@@ -22,8 +22,8 @@ import torch
 from imgq.errors import ErrorCode, ItemError
 from imgq.jobs import JobNotFoundError, JobStore, result_record
 from worker import metrics
-from worker.engine import Engine
 from worker.lease import Lease, claim, keeper, wait_bound_s
+from worker.serving import Serving
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ _lost_jobs: set[str] = set()
 _lost_lock = threading.Lock()
 
 
-def classify_batch(engine: Engine, store: JobStore, job_id: str, batch_id: int,
+def classify_batch(engine: Serving, store: JobStore, job_id: str, batch_id: int,
                    items: Sequence[tuple[int, str]]) -> int:
     """Returns how many results this call wrote (0 for a copy of a batch that was already done)."""
     settings = engine.settings
@@ -60,7 +60,7 @@ def classify_batch(engine: Engine, store: JobStore, job_id: str, batch_id: int,
             _release_quietly(store, lease)
 
 
-def _run_claimed(engine: Engine, store: JobStore, lease: Lease, items: Sequence[tuple[int, str]],
+def _run_claimed(engine: Serving, store: JobStore, lease: Lease, items: Sequence[tuple[int, str]],
                  deliveries: int) -> int:
     settings = engine.settings
     job_id, batch_id = lease.job_id, lease.batch_id

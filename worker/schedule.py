@@ -2,7 +2,7 @@
 
 Celery beat started twice fires every entry twice (celery#2856). Before sending, each beat claims the
 tick in Redis (SET NX on the entry name and due time); a second beat finds it taken, logs it, and sends
-nothing. The retrain lock (worker.retrain) separately keeps two retrains from running at once.
+nothing. The retrain lock (model.retrain) separately keeps two retrains from running at once.
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ import redis
 from celery.beat import PersistentScheduler, ScheduleEntry
 from celery.schedules import crontab, schedule
 
+from imgq import keys
+from imgq.celery_app import RETRAIN_TASK
 from imgq.settings import Settings
-from worker.app import RETRAIN_TASK
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ class OncePerTickScheduler(PersistentScheduler):  # type: ignore[misc]
         tick = int(time.time() // max(period, 1.0))
         client = redis.Redis.from_url(self.app.conf.broker_url, socket_connect_timeout=5)
         try:
-            claimed = client.set(f"imgq:beat:{entry.name}:{tick}", "1", nx=True, ex=int(max(period, 60) * 2))
+            claimed = client.set(keys.beat_tick(entry.name, tick), "1", nx=True, ex=int(max(period, 60) * 2))
         finally:
             client.close()
         if not claimed:

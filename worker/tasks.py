@@ -13,11 +13,12 @@ from celery import Task, signals
 from celery.exceptions import Reject
 
 from imgq.jobs import JobStore
-from worker.app import CLASSIFY_TASK, RETRAIN_TASK, _serves_classify, app, app_settings
-from worker.engine import get_engine
-from worker.pipeline import classify_batch
+from imgq.settings import TRAIN_DEFAULTS
 from model.retrain import RUN_TIME_LIMIT_S, RetrainRequest, run_retrain
+from worker.app import CLASSIFY_TASK, RETRAIN_TASK, _serves_classify, app, app_settings
 from worker.manifest import load_training_data
+from worker.pipeline import classify_batch
+from worker.serving import get_serving
 from worker.sweep import Sweeper
 
 
@@ -31,7 +32,7 @@ def _store() -> JobStore:
 def classify(job_id: str, batch_id: int, items: list[list[object]]) -> int:
     pairs = [(int(str(index)), str(url)) for index, url in items]
     try:
-        return classify_batch(get_engine(), _store(), job_id, batch_id, pairs)
+        return classify_batch(get_serving(app_settings()), _store(), job_id, batch_id, pairs)
     except redis.RedisError as exc:
         # Results could not be written (Redis full, or gone): put the batch back rather than ack it
         # unwritten. The delivery counter still bounds how often it comes back.
@@ -63,8 +64,9 @@ def _redis() -> redis.Redis:
 # train twice. A trainer that dies loses the run; its lease on the retrain lock lapses within IMGQ_LEASE,
 # and the next trigger (or beat) starts a new one. The time limit only bounds a live run.
 @app.task(name=RETRAIN_TASK, bind=True, acks_late=False, time_limit=RUN_TIME_LIMIT_S)
-def retrain(self: Task, source: str = "demo", arch: str = "cnn", epochs: int | None = None,
-            init: str | None = None, seed: int = 0, input_size: int = 64, trigger: str = "manual") -> dict[str, Any]:
+def retrain(self: Task, source: str = TRAIN_DEFAULTS.source, arch: str = TRAIN_DEFAULTS.arch, epochs: int | None = None,
+            init: str | None = None, seed: int = 0, input_size: int = TRAIN_DEFAULTS.input_size,
+            trigger: str = "manual") -> dict[str, Any]:
     request = RetrainRequest(source=source, arch=arch, epochs=epochs, init=init, seed=seed, input_size=input_size,
                              trigger=trigger)
     return run_retrain(app_settings(), _redis(), str(self.request.id), request, load_data=load_training_data)

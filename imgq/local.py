@@ -16,16 +16,16 @@ from types import TracebackType
 
 from celery import Celery
 
-from imgq.errors import ImgqError
+from imgq.celery_app import create_app
+from imgq.errors import ExitCode, ImgqError
 from imgq.redis_server import RedisServer
 from imgq.settings import Settings
-from worker.app import EXIT_REFUSED, create_app
 
 
 def worker_command(*, concurrency: int | None = None, name: str | None = None,
                    queues: str | None = None) -> list[str]:
     """The command a local worker process runs: the same `imgq worker` a deployment runs."""
-    cmd = [sys.executable, "-m", "producer", "worker"]
+    cmd = [sys.executable, "-m", "cli", "worker"]
     if concurrency:
         cmd += ["--concurrency", str(concurrency)]
     if name:
@@ -50,7 +50,7 @@ class WorkerProcess:
 
     def check_alive(self) -> None:
         code = self.proc.poll()
-        if code == EXIT_REFUSED:  # it said why in one line: that line is the whole story
+        if code == ExitCode.REFUSED:  # it said why in one line: that line is the whole story
             said = [line for line in self.log_tail(200).splitlines() if line.startswith("imgq worker: ")]
             if said:
                 raise ImgqError(f"worker {self.name} refused to start: {said[-1].removeprefix('imgq worker: ')}")
@@ -74,34 +74,50 @@ class WorkerProcess:
 
 
 class LocalCluster:
-    def __init__(self, settings: Settings, *, workers: int = 1, concurrency: int | None = None) -> None:
-        self.base_settings = settings
+    """A Redis and `imgq worker` processes, started and stopped together: the embedded default (`imgq run`)
+    and the tests' cluster (tests/support.py builds on this class).
+
+    By default it starts a private redis-server; ``redis=False`` uses the Redis that ``settings`` names and
+    owns only its workers. ``workers`` are started by :meth:`start`; :meth:`start_worker` adds more.
+    """
+
+    def __init__(self, settings: Settings, *, workers: int = 1, concurrency: int | None = None,
+                 redis: bool = True, log_dir: Path | None = None) -> None:
         self.n_workers = workers
         self.concurrency = concurrency
-        self.redis = RedisServer()
-        self._tmp = tempfile.TemporaryDirectory(prefix="imgq-run-")
+        self.redis: RedisServer | None = RedisServer() if redis else None
+        self.settings = settings if self.redis is None else settings.replace(redis_url=self.redis.url)
+        self._tmp = tempfile.TemporaryDirectory(prefix="imgq-run-") if log_dir is None else None
+        self.log_dir = Path(self._tmp.name) if self._tmp is not None else log_dir
         self.workers: list[WorkerProcess] = []
-        self.settings = settings
-        self.app: Celery | None = None
+        self.app: Celery = create_app(self.settings)
 
     def start(self, ready_timeout_s: float = 120.0) -> LocalCluster:
-        self.redis.start()
-        self.settings = self.base_settings.replace(redis_url=self.redis.url)
-        self.app = create_app(self.settings)
-        log_dir = Path(self._tmp.name)
+        if self.redis is not None:
+            self.redis.start()
         for i in range(self.n_workers):
-            self.workers.append(WorkerProcess(self.settings, name=f"local{i}@%h", concurrency=self.concurrency,
-                                              log_dir=log_dir))
-        self._wait_ready(ready_timeout_s)
+            self._spawn(f"local{i}@%h", None, self.concurrency, {})
+        self.wait_ready(timeout_s=ready_timeout_s)
         return self
 
-    def _wait_ready(self, timeout_s: float) -> None:
-        assert self.app is not None
+    def start_worker(self, name: str | None = None, queues: str | None = None, **env: str) -> WorkerProcess:
+        """One more `imgq worker`; ``env`` holds extra IMGQ_* settings for it alone."""
+        return self._spawn(name or f"w{len(self.workers)}@%h", queues, None, env)
+
+    def _spawn(self, name: str, queues: str | None, concurrency: int | None, env: dict[str, str]) -> WorkerProcess:
+        assert self.log_dir is not None
+        worker = WorkerProcess(self.settings, name=name, concurrency=concurrency, log_dir=self.log_dir,
+                               extra_env=env, queues=queues)
+        self.workers.append(worker)
+        return worker
+
+    def wait_ready(self, n: int | None = None, timeout_s: float = 120.0) -> None:
+        """Until ``n`` workers (default: every one started) answer a Celery ping; raises if one exited."""
+        want = len(self.workers) if n is None else n
         deadline = time.monotonic() + timeout_s
         while True:
             self.check_alive()
-            replies = self.app.control.ping(timeout=0.5)
-            if len(replies) >= self.n_workers:
+            if len(self.app.control.ping(timeout=0.5)) >= want:
                 return
             if time.monotonic() > deadline:
                 tails = "\n".join(w.log_tail() for w in self.workers)
@@ -115,10 +131,11 @@ class LocalCluster:
         for w in self.workers:
             w.stop()
         self.workers.clear()
-        if self.app is not None:
-            self.app.close()
-        self.redis.stop()
-        self._tmp.cleanup()
+        self.app.close()
+        if self.redis is not None:
+            self.redis.stop()
+        if self._tmp is not None:
+            self._tmp.cleanup()
 
     def __enter__(self) -> LocalCluster:
         try:

@@ -28,20 +28,25 @@ from typing import Any
 
 import redis
 
-from imgq.champion import Champion
+from imgq import keys
 from imgq.errors import ImgqError, ModelNotFoundError
-from imgq.settings import Settings
+from imgq.settings import TRAIN_DEFAULTS, Settings
+from model.champion import Champion
 from model.checkpoint import ArtifactError, load_checkpoint
 from model.classifier import Classifier
+from model.data import LabeledImages
 from model.promotion import decide
 from model.registry import version_dir
 from model.train import EpochStats, TrainConfig, train
-from worker.manifest import load_training_data
 
 log = logging.getLogger(__name__)
 
-LOCK_KEY = "imgq:retrain:lock"
-LAST_RUN_KEY = "imgq:retrain:last_run"
+# Where training data comes from: `demo`, an ImageFolder, or a manifest whose images are fetched like any
+# classified URL (worker.manifest.load_training_data, which the trainer task and `imgq train` pass in).
+LoadData = Callable[[str, Settings], LabeledImages]
+
+LOCK_KEY = keys.RETRAIN_LOCK
+LAST_RUN_KEY = keys.RETRAIN_LAST_RUN
 # Celery's hard bound of one run (longer than any sane retrain). The lock never waits this long: it is a lease.
 RUN_TIME_LIMIT_S = 6 * 3600
 EVENTS_TTL_S = 7 * 24 * 3600
@@ -89,22 +94,22 @@ return redis.call('GET', KEYS[1])
 
 @dataclass(frozen=True)
 class RetrainRequest:
-    source: str = "demo"
-    arch: str = "cnn"
+    source: str = TRAIN_DEFAULTS.source
+    arch: str = TRAIN_DEFAULTS.arch
     epochs: int | None = None
     init: str | None = None
     seed: int = 0
     # 64 keeps CPU training to minutes for every architecture; torchvision models adapt their pooling.
-    input_size: int = 64
+    input_size: int = TRAIN_DEFAULTS.input_size
     trigger: str = "manual"  # manual | beat
 
 
 def events_key(run_id: str) -> str:
-    return f"imgq:retrain:{run_id}:events"
+    return keys.retrain_events(run_id)
 
 
 def final_key(run_id: str) -> str:
-    return f"imgq:retrain:{run_id}:final"
+    return keys.retrain_final(run_id)
 
 
 def _event(kind: str, **fields: Any) -> str:
@@ -208,7 +213,8 @@ class Lease:
                 return
 
 
-def run_retrain(settings: Settings, client: redis.Redis, run_id: str, request: RetrainRequest) -> dict[str, Any]:
+def run_retrain(settings: Settings, client: redis.Redis, run_id: str, request: RetrainRequest, *,
+                load_data: LoadData) -> dict[str, Any]:
     """Returns the final event. Never raises for a failed training: the failure is the outcome."""
     events = EventLog(client, run_id)
     lease = Lease(client, run_id, settings.lease_s)
@@ -224,7 +230,7 @@ def run_retrain(settings: Settings, client: redis.Redis, run_id: str, request: R
             events.emit("previous_died", run=other,
                         reason=f"previous run {other} died (its trainer stopped renewing the retrain lease); "
                                "marked failed")
-        outcome = train_and_gate(settings, Champion(settings.model_dir, client), request,
+        outcome = train_and_gate(settings, Champion(settings.model_dir, client), request, load_data=load_data,
                                  on_epoch=lambda stats: events.emit("epoch", **dataclasses.asdict(stats)))
         events.finish("done", **{k: v for k, v in outcome.items() if k != "event"})
     except Exception as exc:  # the run's outcome, reported to whoever waits
@@ -236,14 +242,14 @@ def run_retrain(settings: Settings, client: redis.Redis, run_id: str, request: R
     return outcome
 
 
-def train_and_gate(settings: Settings, champion: Champion, request: RetrainRequest,
+def train_and_gate(settings: Settings, champion: Champion, request: RetrainRequest, *, load_data: LoadData,
                    on_epoch: Callable[[EpochStats], None] | None = None) -> dict[str, Any]:
     """Train a candidate, re-measure the champion on its held-out set, promote if it is at least as good.
 
     The promotion is a compare-and-set against the champion the candidate was measured against: if the
     champion changed meanwhile (a promotion or rollback by hand, another trainer), the candidate is held back.
     """
-    data = load_training_data(request.source, settings)
+    data = load_data(request.source, settings)
     config = TrainConfig(source=request.source, arch=request.arch, seed=request.seed, init=request.init,
                          epochs=request.epochs or settings.retrain_epochs, input_size=request.input_size)
     result = train(config, settings.model_dir, on_epoch=on_epoch, promote=False, data=data)

@@ -12,12 +12,13 @@ from typing import Any, TextIO
 
 from celery import Celery
 
-from imgq.champion import Champion, connect_optional
+from imgq.celery_app import RETRAIN_TASK
 from imgq.settings import Settings
+from model.champion import Champion, connect_optional
 from model.registry import list_versions
+from model.retrain import EventLog, RetrainRequest, train_and_gate
 from model.train import EpochStats
-from worker.app import RETRAIN_TASK
-from worker.retrain import EventLog, RetrainRequest, train_and_gate
+from worker.manifest import load_training_data
 
 
 def trigger_retrain(app: Celery, settings: Settings, request: RetrainRequest) -> str:
@@ -79,7 +80,7 @@ def _champion(settings: Settings) -> Iterator[Champion]:
 def train_locally(settings: Settings, request: RetrainRequest, out: TextIO = sys.stdout) -> dict[str, Any]:
     """`imgq train`: the same train-and-gate as a retrain, in this process, no queue needed."""
     with _champion(settings) as champion:
-        outcome = train_and_gate(settings, champion, request,
+        outcome = train_and_gate(settings, champion, request, load_data=load_training_data,
                                  on_epoch=lambda e: print(describe_epoch(e), file=out, flush=True))
     print(describe_outcome(outcome), file=out)
     return outcome

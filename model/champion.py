@@ -21,13 +21,14 @@ from pathlib import Path
 
 import redis
 
+from imgq import keys
 from imgq.errors import ImgqError
-from model import registry
-from model.registry import ChampionState
+from model import pointer
+from model.pointer import ChampionState
 
-CHAMPION_KEY = "imgq:champion"
-HISTORY_KEY = "imgq:champion:history"
-HISTORY_FILE = registry.HISTORY_FILE
+CHAMPION_KEY = keys.CHAMPION
+HISTORY_KEY = keys.CHAMPION_HISTORY
+HISTORY_FILE = pointer.HISTORY_FILE
 # WATCH conflicts come only from writers on another host (ours wait on the flock): a few retries suffice.
 _MAX_ATTEMPTS = 50
 
@@ -70,11 +71,11 @@ class Champion:
             return self._change(lambda state: state)
         except OSError as exc:  # a read-only MODEL_DIR: no lock, no mirror; read the files as they are
             log.warning("cannot lock %s (%s): reading the champion files unlocked", self.model_dir, exc)
-            return registry.read_champion_state(self.model_dir)
+            return pointer.read_champion_state(self.model_dir)
 
     def set(self, version: str) -> None:
         """Promote ``version`` (it must be published); records it in the history."""
-        registry.require_published(self.model_dir, version)
+        _require_published(self.model_dir, version)
         self._change(lambda state: _promoted(state, version))
 
     def promote_if(self, version: str, *, expected: str | None) -> tuple[bool, str | None]:
@@ -82,7 +83,7 @@ class Champion:
 
         Returns (promoted, the champion now).
         """
-        registry.require_published(self.model_dir, version)
+        _require_published(self.model_dir, version)
 
         def step(state: ChampionState) -> ChampionState:
             if state.pointer != expected:
@@ -103,7 +104,7 @@ class Champion:
             if not history:
                 where = f"Redis {HISTORY_KEY}" if self.r is not None else str(self.model_dir / HISTORY_FILE)
                 raise ImgqError(f"no earlier champion to roll back to in {where}")
-            registry.require_published(self.model_dir, history[-1])
+            _require_published(self.model_dir, history[-1])
             return ChampionState(history[-1], tuple(history))
 
         pointer = self._change(step).pointer
@@ -115,11 +116,11 @@ class Champion:
 
     def _change(self, step: Transition) -> ChampionState:
         """Apply ``step`` to the truth atomically and mirror the result on disk, all under the flock."""
-        with registry.champion_lock(self.model_dir):
-            disk = registry.read_champion_state(self.model_dir)
+        with pointer.champion_lock(self.model_dir):
+            disk = pointer.read_champion_state(self.model_dir)
             new = step(disk) if self.r is None else self._commit(step, disk)
             if new != disk:
-                registry.write_champion_state(self.model_dir, new)
+                pointer.write_champion_state(self.model_dir, new)
             return new
 
     def _commit(self, step: Transition, disk: ChampionState) -> ChampionState:
@@ -175,3 +176,10 @@ def connect_optional(url: str) -> redis.Redis | None:
         client.close()
         return None
     return client
+
+
+def _require_published(model_dir: Path, version: str) -> None:
+    # Imported here: reading the pointer (`imgq status`, the supervisor) must not load torch; promoting may.
+    from model.registry import require_published
+
+    require_published(model_dir, version)

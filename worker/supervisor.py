@@ -1,6 +1,6 @@
 """`imgq worker --gpus all|0,1` and `imgq worker --processes N`: one Celery worker process per GPU or core share.
 
-Each child is a plain `imgq worker` (:func:`producer.local.worker_command`, what the tests and the compose
+Each child is a plain `imgq worker` (:func:`imgq.local.worker_command`, what the tests and the compose
 file run too). A GPU child sees one GPU through ``CUDA_VISIBLE_DEVICES``, is named ``gpu<id>@%h``, loads
 the model itself and requires CUDA (``IMGQ_DEVICE=cuda``: on a host without a usable GPU it refuses to
 start instead of serving on the CPU under a GPU's name; only an explicit ``IMGQ_DEVICE=cpu`` / ``--device
@@ -17,7 +17,7 @@ go back to the queue) and the supervisor exits when all children have. A child t
 worker exits 0 only when asked to stop) is restarted in place with back-off, at most
 :data:`MAX_RESTARTS` times in :data:`RESTART_WINDOW_S`; past that the supervisor stops the others and exits
 with the child's code, for Docker or systemd to restart the whole set. A child that refuses to start
-(exit :data:`worker.app.EXIT_REFUSED`: no usable device or model) is not restarted: the supervisor stops the
+(exit :attr:`imgq.errors.ExitCode.REFUSED`: no usable device or model) is not restarted: the supervisor stops the
 others and exits with that code at once, the child's one-line reason above its own.
 """
 
@@ -35,16 +35,16 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import FrameType
 
-from imgq.errors import ImgqError
+from imgq.errors import ExitCode, ImgqError
+from imgq.local import worker_command
 from imgq.settings import Settings
-from producer.local import worker_command
+from model.pointer import require_champion
 
 _GPU_ID = re.compile(r"\d+|(GPU|MIG)-[0-9A-Za-z-]+")
 _PR_SET_PDEATHSIG = 1
 # How often the supervisor looks at its children; also how soon it notices one died.
 _POLL_S = 0.2
-# worker.app.EXIT_REFUSED, repeated: importing worker.app would import Celery's app and its settings here.
-EXIT_REFUSED = 3
+EXIT_REFUSED = ExitCode.REFUSED
 # A child that stops on its own is restarted after BACKOFF_S, doubling per recent restart up to
 # BACKOFF_MAX_S; more than MAX_RESTARTS restarts in RESTART_WINDOW_S and it is given up (a crash loop is
 # not a fault that restarting fixes; the container's restart policy takes over).
@@ -52,8 +52,6 @@ BACKOFF_S = 1.0
 BACKOFF_MAX_S = 16.0
 MAX_RESTARTS = 5
 RESTART_WINDOW_S = 60.0
-# model.registry.CHAMPION_FILE, repeated: model.registry imports torch.
-_CHAMPION_FILE = "CHAMPION"
 
 
 @dataclass(frozen=True)
@@ -270,13 +268,7 @@ def _check_model(settings: Settings, queues: str | None) -> None:
     """The children's own first check, made once here: without a model every child would refuse."""
     if settings.classify_queue not in (queues or settings.classify_queue).split(","):
         return
-    try:
-        champion = (settings.model_dir / _CHAMPION_FILE).read_text(encoding="utf-8").strip()
-    except FileNotFoundError:
-        champion = ""
-    if not champion:
-        raise ImgqError(f"no model in {settings.model_dir} ({settings.env_name('model_dir')}); "
-                        "train one first: imgq train --data demo")
+    require_champion(settings.model_dir, settings.env_name("model_dir"))
 
 
 def run_workers(settings: Settings, *, gpus: str | None, processes: int | None, queues: str | None,

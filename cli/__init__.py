@@ -1,0 +1,1 @@
+"""The `imgq` command line: the layer on top of imgq/, producer/, worker/ and model/."""

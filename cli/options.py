@@ -1,0 +1,50 @@
+"""Options and helpers every `imgq` command shares: settings from IMGQ_* plus flags, the job store."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from imgq.jobs import JobStore
+from imgq.settings import DEVICES, TRAIN_DEFAULTS, Settings
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    allow = tuple(getattr(args, "allow_network", None) or ())
+    base = Settings.from_env()
+    return base.replace(
+        model_dir=getattr(args, "model_dir", None),
+        device=getattr(args, "device", None),
+        batch_size=getattr(args, "batch_size", None),
+        concurrency=getattr(args, "concurrency", None),
+        allow_networks=tuple(sorted({*base.allow_networks, *allow})) if allow else None,
+    )
+
+
+def store_for(settings: Settings) -> JobStore:
+    return JobStore.from_url(settings.redis_url, ttl_s=settings.job_ttl_s)
+
+
+def add_common(p: argparse.ArgumentParser, *, model: bool = False, fetch: bool = False) -> None:
+    if model:
+        p.add_argument("--model-dir", type=Path, help="model registry (IMGQ_MODEL_DIR)")
+        p.add_argument("--device", choices=DEVICES, help="inference device (IMGQ_DEVICE)")
+    if fetch:
+        p.add_argument("--allow-network", action="append", metavar="CIDR",
+                       help="allow fetching from this blocked network, e.g. 127.0.0.0/8 (IMGQ_ALLOW_NETWORKS)")
+
+
+def train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default=TRAIN_DEFAULTS.source,
+                   help="`demo`, an ImageFolder directory (root/<class>/<image>) or a url,label manifest (.csv/.jsonl)")
+    p.add_argument("--arch", default=TRAIN_DEFAULTS.arch,
+                   help="cnn (default), resnet18, mobilenet_v3_small, efficientnet_b0")
+    p.add_argument("--epochs", type=int, help="at most this many epochs (early stopping may end sooner)")
+    p.add_argument("--init", type=Path, help="start from this local safetensors weights file")
+    p.add_argument("--input-size", type=int, default=TRAIN_DEFAULTS.input_size, help="training and serving image size")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def output_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-o", "--output", type=Path, help="results file (default: stdout)")
+    p.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")

@@ -8,15 +8,27 @@ and one visibility-timeout setting feeding every transport option that needs it 
 
 from __future__ import annotations
 
-from celery import Celery
+import time
+from typing import Any
+
+from celery import Celery, signals
 
 from imgq.settings import Settings
 
 CLASSIFY_TASK = "imgq.classify"
 RETRAIN_TASK = "imgq.retrain"
+# A message header with the time it was sent: the worker's queue-wait metric reads it.
+ENQUEUED_HEADER = "imgq_enqueued_at"
+
+
+def _stamp_enqueue_time(headers: dict[str, Any] | None = None, **_: Any) -> None:
+    if headers is not None:
+        headers.setdefault(ENQUEUED_HEADER, time.time())
 
 
 def create_app(settings: Settings) -> Celery:
+    # Connected once per process (dispatch_uid), by whichever side builds an app first.
+    signals.before_task_publish.connect(_stamp_enqueue_time, weak=False, dispatch_uid="imgq-stamp-enqueue-time")
     app = Celery("imgq", broker=settings.redis_url, include=["worker.tasks"])
     vt = settings.visibility_timeout_s
     transport = {

@@ -173,11 +173,6 @@ def stop_was_requested() -> bool:
                                            for flag in (state.should_stop, state.should_terminate))
 
 
-@signals.before_task_publish.connect
-def _stamp_enqueue_time(headers: dict[str, Any] | None = None, **_: Any) -> None:
-    metrics.stamp_enqueued(headers)  # runs in the producer: lets the worker measure queue wait
-
-
 @signals.task_prerun.connect
 def _observe_queue_wait(task: Any = None, **_: Any) -> None:
     metrics.observe_queue_wait(task.name, task.request)

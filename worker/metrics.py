@@ -21,16 +21,17 @@ import os
 import threading
 import time
 from collections import Counter as Tally
-from collections.abc import Iterable, Iterator, Mapping, MutableMapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
 from prometheus_client import Counter, Histogram, Info, start_http_server
 
+from imgq.celery_app import ENQUEUED_HEADER
+
 log = logging.getLogger(__name__)
 
 # The message header the producer stamps (before_task_publish) and the worker reads (task_prerun).
-ENQUEUED_HEADER = "imgq_enqueued_at"
 
 # Seconds: a cached image fetches in milliseconds, IMGQ_FETCH_TIMEOUT defaults to 15 s.
 _STAGE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -110,11 +111,6 @@ def set_model(version: str, device: object) -> None:
     if current != _model:
         _model = current
         MODEL.info({"version": version, "device": str(device)})
-
-
-def stamp_enqueued(headers: MutableMapping[str, Any] | None) -> None:
-    if headers is not None:
-        headers.setdefault(ENQUEUED_HEADER, time.time())
 
 
 def observe_queue_wait(task_name: str, request: Any) -> None:

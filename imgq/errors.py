@@ -12,7 +12,8 @@ human-readable message. The codes are a stable contract (README, "Error codes");
     not_an_image     the bytes are not one of the allowed image formats (by magic bytes, not Content-Type)
     decode_error     an allowed format, but truncated or corrupt
     too_complex      decoding would cost more CPU than one image may (IMGQ_MAX_JPEG_SCANS, IMGQ_DECODE_TIMEOUT)
-    worker_lost      the batch was delivered IMGQ_MAX_DELIVERIES times and never finished (a worker kept dying)
+    worker_lost      the batch was delivered IMGQ_MAX_DELIVERIES times and each time its worker stopped renewing its
+                     lease before finishing (it died, hung or lost Redis)
     internal         an unexpected bug in imgq; the message carries the exception
 """
 

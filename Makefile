@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test lint typecheck bench clean
+.PHONY: install demo test lint typecheck bench clean deploy-test
 
 # torch/torchvision are pinned in pyproject.toml and installed with pip: they come from local disk here.
 $(STAMP): pyproject.toml
@@ -36,6 +36,12 @@ test: lint
 
 bench: install
 	$(PY) -m bench.run
+
+# The images built with no registry and docker-compose.yml run for real, scaled, with a worker killed (README,
+# "Deploy"). Needs root and Docker (dockerd is started if none runs); multi-GB images, so not part of `make test`.
+# DEPLOY_TEST_ARGS=--clean rebuilds everything from scratch; --keep leaves the stack up.
+deploy-test: install
+	$(PY) deploy/deploy_test.py $(DEPLOY_TEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache build *.egg-info

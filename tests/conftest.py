@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -79,3 +79,18 @@ def private_cluster(model_dir: Path, tmp_path: Path) -> Iterator[Cluster]:
         c.stop()
 
 
+@pytest.fixture
+def make_cluster(model_dir: Path, tmp_path: Path) -> Iterator[Callable[..., Cluster]]:
+    """Clusters on a Redis of their own, with extra IMGQ_* settings for producer and workers alike."""
+    made: list[tuple[Cluster, RedisServer]] = []
+
+    def make(redis_server: RedisServer | None = None, **env: str) -> Cluster:
+        server = redis_server or RedisServer().start()
+        cluster = Cluster(settings_for(server.url, model_dir, **env), tmp_path)
+        made.append((cluster, server))
+        return cluster
+
+    yield make
+    for cluster, server in made:
+        cluster.stop()
+        server.stop()

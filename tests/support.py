@@ -4,12 +4,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
+from aiohttp import web
+
+from imgq import keys
 from imgq.jobs import JobStatus, JobStore
 from imgq.local import LocalCluster
 from imgq.redis_server import free_port
@@ -17,6 +24,7 @@ from imgq.settings import Settings
 from producer.reconcile import stall_repair
 from producer.submit import submit_urls
 from producer.wait import wait_for_job
+from tests.httpserver import HTTPTestServer
 
 # Short delivery timings so redelivery after a killed worker happens within seconds in tests.
 TEST_ENV = {
@@ -87,3 +95,40 @@ def closed_port_url() -> str:
 
 def read_jsonl(path: Path) -> list[dict[str, object]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@contextmanager
+def one_image_site(image_site: ImageSite, *, slow_s: float, slow_path: str = "/slow.png",
+                   content_type: str = "image/png") -> Iterator[tuple[HTTPTestServer, str]]:
+    """One demo image under /img.png (at once) and ``slow_path`` (after ``slow_s``), with its class; query
+    strings make URLs distinct, and every good URL should be labelled with that class."""
+    url, label = next(iter(image_site.truth.items()))
+    body = (image_site.root / url.removeprefix(image_site.base + "/")).read_bytes()
+
+    async def slow(request: web.BaseRequest) -> web.StreamResponse:
+        await asyncio.sleep(slow_s)
+        return web.Response(body=body, content_type=content_type)
+
+    with HTTPTestServer() as server:
+        server.add("/img.png", body=body, content_type=content_type)
+        server.add_handler(slow_path, slow)
+        yield server, label
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str | Callable[[], str],
+               poll_s: float = 0.05) -> None:
+    """Poll ``predicate`` until it holds; fail naming ``what`` after ``timeout_s`` (a bound, not a speed check)."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what if isinstance(what, str) else what()}"
+        time.sleep(poll_s)
+
+
+def every_index_once(cluster: Cluster, job: str, n: int) -> list[dict[str, object]]:
+    """The job is done with exactly one result for each of its ``n`` indices; returns them in order."""
+    status = cluster.store.status(job)
+    assert (status.total, status.done, status.state) == (n, n, "done"), status
+    assert cluster.store.r.hlen(keys.results(job)) == n
+    results = cluster.results(job)
+    assert [r["index"] for r in results] == list(range(n))
+    return results

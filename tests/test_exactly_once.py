@@ -13,7 +13,6 @@ Faults are injected with a sitecustomize.py on the worker's PYTHONPATH that wrap
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
 import signal
@@ -27,13 +26,12 @@ from pathlib import Path
 
 import pytest
 import redis
-from aiohttp import web
 
 from imgq import keys
 from imgq.local import WorkerProcess
 from imgq.redis_server import RedisServer, free_port
 from tests.httpserver import HTTPTestServer
-from tests.support import TEST_ENV, Cluster, ImageSite, settings_for
+from tests.support import TEST_ENV, Cluster, ImageSite, every_index_once, one_image_site, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -84,6 +82,13 @@ model.classifier.Classifier.predict = forward
 '''
 
 
+@pytest.fixture(scope="module")
+def site(image_site: ImageSite) -> Iterator[tuple[HTTPTestServer, str]]:
+    """/img.png at once, /slow.png after 0.5 s (tests.support.one_image_site)."""
+    with one_image_site(image_site, slow_s=0.5) as served:
+        yield served
+
+
 def injected(tmp_path: Path, **env: str) -> dict[str, str]:
     """Worker environment that loads the fault injection above."""
     inject = tmp_path / "inject"
@@ -92,52 +97,6 @@ def injected(tmp_path: Path, **env: str) -> dict[str, str]:
     return {"PYTHONPATH": os.pathsep.join([str(inject), str(REPO)]), **env}
 
 
-@pytest.fixture(scope="module")
-def site(image_site: ImageSite) -> Iterator[tuple[HTTPTestServer, str]]:
-    """One demo image under /img.png (fast) and /slow.png (0.5 s per response); query strings make URLs distinct."""
-    url, label = next(iter(image_site.truth.items()))
-    body = (image_site.root / url.removeprefix(image_site.base + "/")).read_bytes()
-
-    async def slow(request: web.BaseRequest) -> web.StreamResponse:
-        await asyncio.sleep(0.5)
-        return web.Response(body=body, content_type="image/png")
-
-    with HTTPTestServer() as server:
-        server.add("/img.png", body=body, content_type="image/png")
-        server.add_handler("/slow.png", slow)
-        yield server, label
-
-
-@pytest.fixture
-def make_cluster(model_dir: Path, tmp_path: Path) -> Iterator[Callable[..., Cluster]]:
-    made: list[tuple[Cluster, RedisServer]] = []
-
-    def make(redis_server: RedisServer | None = None, **env: str) -> Cluster:
-        server = redis_server or RedisServer().start()
-        cluster = Cluster(settings_for(server.url, model_dir, **env), tmp_path)
-        made.append((cluster, server))
-        return cluster
-
-    yield make
-    for cluster, server in made:
-        cluster.stop()
-        server.stop()
-
-
-def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str | Callable[[], str]) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what if isinstance(what, str) else what()}"
-        time.sleep(0.05)
-
-
-def every_index_once(cluster: Cluster, job: str, n: int) -> list[dict[str, object]]:
-    status = cluster.store.status(job)
-    assert (status.total, status.done, status.state) == (n, n, "done"), status
-    assert cluster.store.r.hlen(keys.results(job)) == n
-    results = cluster.results(job)
-    assert [r["index"] for r in results] == list(range(n))
-    return results
 
 
 def codes(results: list[dict[str, object]]) -> Counter[str]:

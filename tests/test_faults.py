@@ -8,7 +8,6 @@ dead one's batches, and the test measures that recovery is bounded by IMGQ_VISIB
 
 from __future__ import annotations
 
-import asyncio
 import io
 import os
 import re
@@ -30,64 +29,22 @@ from imgq import keys
 from imgq.redis_server import RedisServer, free_port
 from producer.submit import submit_urls
 from tests.httpserver import HTTPTestServer
-from tests.support import TEST_ENV, Cluster, ImageSite, settings_for
+from tests.support import TEST_ENV, Cluster, ImageSite, every_index_once, one_image_site, wait_until
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def site(image_site: ImageSite) -> Iterator[tuple[HTTPTestServer, str]]:
-    """A test HTTP server serving one demo image under /img.png (fast) and /slow.png (0.15 s per response).
-
-    Query strings make URLs distinct; every good URL should be labelled with the returned class."""
-    url, label = next(iter(image_site.truth.items()))
-    body = (image_site.root / url.removeprefix(image_site.base + "/")).read_bytes()
-
-    async def slow(request: web.BaseRequest) -> web.StreamResponse:
-        await asyncio.sleep(0.15)
-        return web.Response(body=body, content_type="image/png")
-
-    with HTTPTestServer() as server:
-        server.add("/img.png", body=body, content_type="image/png")
-        server.add_handler("/slow.png", slow)
-        yield server, label
-
-
-@pytest.fixture
-def make_cluster(model_dir: Path, tmp_path: Path) -> Iterator[Callable[..., Cluster]]:
-    """Clusters on a Redis of their own, with extra IMGQ_* settings for producer and workers alike."""
-    made: list[tuple[Cluster, RedisServer]] = []
-
-    def make(redis_server: RedisServer | None = None, **env: str) -> Cluster:
-        server = redis_server or RedisServer().start()
-        cluster = Cluster(settings_for(server.url, model_dir, **env), tmp_path)
-        made.append((cluster, server))
-        return cluster
-
-    yield make
-    for cluster, server in made:
-        cluster.stop()
-        server.stop()
+    """/img.png at once, /slow.png after 0.15 s (tests.support.one_image_site)."""
+    with one_image_site(image_site, slow_s=0.15) as served:
+        yield served
 
 
 def urls_for(server: HTTPTestServer, path: str, n: int) -> list[str]:
     return [server.url(f"{path}?i={i}") for i in range(n)]
 
 
-def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
-def assert_every_index_once(cluster: Cluster, job: str, n: int) -> list[dict[str, object]]:
-    status = cluster.store.status(job)
-    assert (status.total, status.done, status.state) == (n, n, "done"), status
-    assert cluster.store.r.hlen(keys.results(job)) == n
-    results = cluster.results(job)
-    assert [r["index"] for r in results] == list(range(n))
-    return results
 
 
 def assert_all_labelled(results: list[dict[str, object]], label: str) -> None:
@@ -119,7 +76,7 @@ def test_worker_sigkilled_survivor_takes_over_within_the_visibility_timeout(
 
     cluster.wait(job, timeout_s=90)
     recovery = time.monotonic() - killed
-    assert_all_labelled(assert_every_index_once(cluster, job, len(urls)), label)
+    assert_all_labelled(every_index_once(cluster, job, len(urls)), label)
     # kombu restores a dead worker's batches once they are visibility_timeout old, checked every vt/5 s.
     redelivered = [int(n) for n in cluster.store.r.hvals(keys.deliveries(job))]
     assert max(redelivered) >= 2, "no batch of the victim's was delivered again"
@@ -146,7 +103,7 @@ def test_a_batch_lost_between_brpop_and_its_unacked_record_comes_back_from_the_u
 
     out = io.StringIO()
     cluster.wait(job, timeout_s=120, urls=urls, stream=out)
-    assert_all_labelled(assert_every_index_once(cluster, job, len(urls)), label)
+    assert_all_labelled(every_index_once(cluster, job, len(urls)), label)
     repaired = re.search(r"no progress for (\d+) s and the queue is empty: job \w+: (\d+) of 100 URLs had no "
                          r"result; enqueued again in 1 batches", out.getvalue())
     assert repaired, out.getvalue()
@@ -178,7 +135,7 @@ def test_sigterm_puts_unfinished_batches_back_at_once_and_a_second_worker_finish
 
     cluster.start_worker("second@%h")
     cluster.wait(job, timeout_s=120)
-    assert_all_labelled(assert_every_index_once(cluster, job, len(urls)), label)
+    assert_all_labelled(every_index_once(cluster, job, len(urls)), label)
     report(f"SIGTERM -> first worker exited ({done_by_first}/{len(urls)} done)", shutdown)
     report("SIGTERM -> second worker completes the job", time.monotonic() - stopped)
 
@@ -222,7 +179,7 @@ def test_poison_item_that_kills_every_worker_ends_worker_lost_and_the_job_comple
         time.sleep(0.1)
     report(f"poison batch given up after {len(cluster.workers) - 1} worker deaths", time.monotonic() - start)
 
-    results = assert_every_index_once(cluster, job, n)
+    results = every_index_once(cluster, job, n)
     poison_batch = range(poison_index // batch * batch, (poison_index // batch + 1) * batch)
     lost = [r for r in results if r["index"] in poison_batch]
     assert {r["error"]["code"] for r in lost} == {"worker_lost"}  # type: ignore[index]
@@ -308,7 +265,7 @@ def test_redis_killed_and_restarted_mid_job_workers_and_producer_reconnect(
                 restarts += 1
                 worker = cluster.start_worker()
             time.sleep(0.1)
-        assert_all_labelled(assert_every_index_once(cluster, job, len(urls)), label)
+        assert_all_labelled(every_index_once(cluster, job, len(urls)), label)
         assert restarts <= 1
         report(f"Redis crash + restart (2 s down) -> job complete ({restarts} worker restarts)",
                time.monotonic() - crashed)
@@ -337,7 +294,7 @@ def test_every_client_connection_dropped_mid_job_the_job_completes(
     assert cluster.store.status(job).done < len(urls), "job finished before the drop; make it longer"
 
     cluster.wait(job, timeout_s=120)
-    assert_all_labelled(assert_every_index_once(cluster, job, len(urls)), label)
+    assert_all_labelled(every_index_once(cluster, job, len(urls)), label)
     assert all(w.proc.poll() is None for w in cluster.workers)
     report("every connection dropped twice -> job complete", time.monotonic() - dropped)
     admin.close()
@@ -383,5 +340,5 @@ def test_redis_out_of_memory_submit_says_what_was_accepted_and_reconcile_finishe
     rest = len(urls) - accepted
     assert f"{rest} of {len(urls)} URLs had no result ({rest} of them never submitted before)" in proc.stdout
     cluster.wait(job, timeout_s=120)
-    assert_all_labelled(assert_every_index_once(cluster, job, len(urls)), label)
+    assert_all_labelled(every_index_once(cluster, job, len(urls)), label)
     admin.close()

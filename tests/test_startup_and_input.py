@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import re
@@ -28,7 +27,6 @@ import psutil
 import pytest
 import redis
 import torch
-from aiohttp import web
 
 from imgq import keys
 from imgq.jobs import JobStore
@@ -39,7 +37,7 @@ from producer.reconcile import find_missing
 from producer.sources import UndecodableLine, read_urls
 from producer.submit import submit_urls
 from tests.httpserver import HTTPTestServer
-from tests.support import TEST_ENV, ImageSite, closed_port_url, read_jsonl, settings_for
+from tests.support import TEST_ENV, ImageSite, closed_port_url, one_image_site, read_jsonl, settings_for
 from worker.app import create_app
 from worker.urlcheck import validate_url
 
@@ -171,8 +169,6 @@ def test_the_supervisor_restarts_a_child_that_stops_on_its_own_with_bounded_back
         assert delays == sorted(delays) and delays[0] == 0.01 and delays[-1] == 0.05  # doubling, capped
 
 
-
-
 class _Supervisor:
     def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
         self.log = log
@@ -205,17 +201,9 @@ def _oom_refusals(admin: redis.Redis) -> int:
 
 @pytest.fixture(scope="module")
 def slow_site(image_site: ImageSite) -> Iterator[tuple[HTTPTestServer, str]]:
-    """One demo image under /slow.jpg, 0.3 s per response, so a job is still running when Redis fills."""
-    url, label = next(iter(image_site.truth.items()))
-    body = (image_site.root / url.removeprefix(image_site.base + "/")).read_bytes()
-
-    async def slow(request: web.BaseRequest) -> web.StreamResponse:
-        await asyncio.sleep(0.3)
-        return web.Response(body=body, content_type="application/octet-stream")
-
-    with HTTPTestServer() as server:
-        server.add_handler("/slow.jpg", slow)
-        yield server, label
+    """/slow.jpg after 0.3 s a response, so a job is still running when Redis fills."""
+    with one_image_site(image_site, slow_s=0.3, slow_path="/slow.jpg", content_type="application/octet-stream") as s:
+        yield s
 
 
 @pytest.mark.slow

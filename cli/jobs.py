@@ -1,4 +1,8 @@
-"""`imgq run|submit|status|reconcile|report|results`: the commands that send jobs and read them back."""
+"""`imgq run|submit|status|reconcile|report|results`: the commands that send jobs and read them back.
+
+None of them imports torch (tests/test_cli_errors.py checks): the producer side never needs the model.
+stdout carries data only (a job id, results, a status); progress, notes and errors go to stderr.
+"""
 
 from __future__ import annotations
 
@@ -6,57 +10,115 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
-from cli.options import add_common, output_args, settings_from, store_for
+from cli.options import (
+    add_common,
+    output_args,
+    positive_int,
+    progress_from,
+    quiet_args,
+    settings_from,
+    store_for,
+)
+from imgq.errors import Interrupted
+from imgq.jobs import JobStore
+
+
+def note(args: argparse.Namespace, line: str) -> None:
+    """An informational line on stderr; -q silences it."""
+    if not getattr(args, "quiet", False):
+        print(f"imgq: {line}", file=sys.stderr, flush=True)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from producer.run import open_output, run_job  # keep `imgq status` free of torch
-    from producer.sources import read_urls, rereader
+    from producer.export import open_output
+    from producer.run import run_job
+    from producer.sources import first_url, read_urls, rereader
 
     settings = settings_from(args)
+    urls = first_url(read_urls(args.urls), args.urls)  # a missing or empty file fails before anything starts
+    to_file = args.output is not None and str(args.output) != "-"
     out = open_output(args.output)
     try:
-        report = run_job(read_urls(args.urls), out, settings=settings, workers=args.workers,
-                         concurrency=args.concurrency, fmt=args.format, progress=not args.quiet,
-                         reread=rereader(args.urls))
+        report = run_job(urls, out, settings=settings, workers=args.workers, concurrency=args.concurrency,
+                         fmt=args.format, progress=progress_from(args), reread=rereader(args.urls),
+                         output_name=str(args.output) if to_file else "stdout",
+                         remaining_path=args.output.with_suffix(".remaining.txt") if to_file else None)
     finally:
         if out is not sys.stdout:
             out.close()
-    print(report.describe(), file=sys.stderr)
+    print(report.describe(), file=sys.stderr)  # the outcome of the command: kept with -q
     return 0
+
+
+class _SubmitStore(JobStore):
+    """A job store that remembers the job it created, so that a Ctrl-C mid-submission can name it."""
+
+    created: str | None = None
+
+    def create_job(self, meta: dict[str, str] | None = None, **kwargs: Any) -> str:
+        self.created = super().create_job(meta, **kwargs)
+        return self.created
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
     from imgq.celery_app import create_app
-    from producer.sources import read_urls, rereader
+    from producer.export import export_results, open_output
+    from producer.sources import first_url, read_urls, rereader
     from producer.submit import EnqueueError, submit_urls
 
     settings = settings_from(args)
-    store = store_for(settings)
+    urls = first_url(read_urls(args.urls), args.urls)  # unreadable or empty: no job is created
+    store = _SubmitStore.from_url(settings.redis_url, ttl_s=settings.job_ttl_s, timeout_s=settings.redis_timeout_s)
+    store.r.ping()  # an unreachable Redis or a wrong password: one line from cli.main, before anything
+    out = open_output(args.output) if args.wait else None  # a results file that cannot be written: fail now
     app = create_app(settings)
     try:
-        job_id = submit_urls(read_urls(args.urls), settings=settings, store=store, app=app)
-    except EnqueueError as exc:
-        print(exc.job_id)  # part of the job was accepted: still hand scripts its id (for `imgq reconcile`)
-        raise
-    if args.wait:
-        from producer.export import export_results
+        try:
+            job_id = submit_urls(urls, settings=settings, store=store, app=app)
+        except EnqueueError as exc:
+            print(exc.job_id)  # part of the job was accepted: still hand scripts its id (for `imgq reconcile`)
+            raise
+        except KeyboardInterrupt:
+            raise _submission_interrupted(store, args.urls) from None
+        if not args.wait:
+            print(job_id)  # the only line on stdout: scripts capture it
+            return 0
+        assert out is not None
+        if out is sys.stdout:
+            print(f"imgq: job {job_id}", file=sys.stderr, flush=True)  # stdout is the results'
         from producer.reconcile import stall_repair
-        from producer.run import open_output
         from producer.wait import wait_for_job
 
         reread = rereader(args.urls)
         repair = None if reread is None else stall_repair(job_id, reread, settings=settings, store=store, app=app)
-        wait_for_job(store, job_id, progress=True, repair=repair)
-        out = open_output(args.output)
         try:
-            export_results(store, job_id, out, args.format)
-        finally:
-            if out is not sys.stdout:
-                out.close()
-    print(job_id)  # last line of stdout: scripts capture it
+            wait_for_job(store, job_id, progress=progress_from(args), repair=repair)
+        except KeyboardInterrupt:
+            status = store.status(job_id)
+            raise Interrupted(f"stopped waiting: job {job_id} goes on in the deployment ({status.done}/"
+                              f"{status.total} done); follow it with `imgq status {job_id}`, then "
+                              f"`imgq results {job_id} -o FILE`") from None
+        export_results(store, job_id, out, args.format)
+    finally:
+        if out is not None and out is not sys.stdout:
+            out.close()
+        app.close()
+    if out is not sys.stdout:
+        print(job_id)  # results went to the file: the job id is stdout's one line
     return 0
+
+
+def _submission_interrupted(store: _SubmitStore, source: str) -> Interrupted:
+    job_id = store.created
+    if job_id is None:
+        return Interrupted("interrupted before a job was created: nothing was submitted")
+    print(job_id)  # as after any submission that got this far: scripts capture it
+    accepted = store.status(job_id).total
+    again = "URLS (the same URL file)" if source == "-" else source
+    return Interrupted(f"interrupted: job {job_id} accepted the first {accepted} URLs, which will be classified; "
+                       f"enqueue the rest with `imgq reconcile {job_id} {again}`")
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -82,8 +144,13 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     from producer.sources import read_urls
 
     settings = settings_from(args)
-    report = reconcile_job(args.job, read_urls(args.urls), settings=settings, store=store_for(settings),
-                           app=create_app(settings), dry_run=args.dry_run, source=args.urls)
+    urls = read_urls(args.urls)  # a file that cannot be read fails here, before Redis is asked anything
+    app = create_app(settings)
+    try:
+        report = reconcile_job(args.job, urls, settings=settings, store=store_for(settings), app=app,
+                               dry_run=args.dry_run, source=args.urls)
+    finally:
+        app.close()
     print(report.describe())
     return 0
 
@@ -107,30 +174,36 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     settings = settings_from(args)
     summary = write_report(settings, store_for(settings), args.job, args.output, limit=args.limit)
-    print(f"imgq: wrote {args.output}: {summary.items} items, {summary.thumbnails} thumbnails", file=sys.stderr)
+    note(args, f"wrote {args.output}: {summary.items} items, {summary.thumbnails} thumbnails")
     return 0
 
 
 def cmd_results(args: argparse.Namespace) -> int:
-    from producer.export import export_results
-    from producer.run import open_output
+    from producer.export import export_results, open_output
 
+    store = store_for(settings_from(args))
+    store.status(args.job)  # an unknown job fails before an output file is created
+    if args.summary:
+        summary = export_results(store, args.job, None)
+        print(json.dumps(summary.to_dict()) if args.json else summary.describe())
+        return 0
     out = open_output(args.output)
     try:
         if args.below is not None:
             from producer.export import export_review
 
             fmt = "jsonl" if args.output and str(args.output).endswith(".jsonl") else "csv"
-            n = export_review(store_for(settings_from(args)), args.job, out, args.below, fmt)
-            print(f"imgq: {n} items below confidence {args.below:g} (a manifest: fix labels, then "
-                  "`imgq retrain --data FILE`)", file=sys.stderr)
+            n = export_review(store, args.job, out, args.below, fmt)
+            note(args, f"{n} items below confidence {args.below:g} (a manifest: fix labels, then "
+                 "`imgq retrain --data FILE`)")
             return 0
-        summary = export_results(store_for(settings_from(args)), args.job, out, args.format)
+        summary = export_results(store, args.job, out, args.format)
     finally:
         if out is not sys.stdout:
             out.close()
     if summary.missing:
-        print(f"imgq: {summary.missing} items have no result yet (job still running?)", file=sys.stderr)
+        print(f"imgq: {summary.missing} items have no result yet (job still running? see `imgq status "
+              f"{args.job}`)", file=sys.stderr)
     return 0
 
 
@@ -138,36 +211,39 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("run", help="classify a URL file on the embedded default (local Redis + workers)")
     p.add_argument("urls", help="URL file, one per line; - for stdin")
     output_args(p)
-    p.add_argument("--workers", type=int, default=1, help="local worker processes")
-    p.add_argument("--concurrency", type=int, help="tasks in flight per worker (IMGQ_CONCURRENCY)")
-    p.add_argument("--batch-size", type=int, help="URLs per message (IMGQ_BATCH_SIZE)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--workers", type=positive_int, default=1, help="local worker processes")
+    p.add_argument("--concurrency", type=positive_int, help="tasks in flight per worker (IMGQ_CONCURRENCY)")
+    p.add_argument("--batch-size", type=positive_int, help="URLs per message (IMGQ_BATCH_SIZE)")
+    quiet_args(p, progress=True)
     add_common(p, model=True, fetch=True)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("submit", help="submit a URL file to a running deployment (IMGQ_REDIS_URL)")
     p.add_argument("urls", help="URL file, one per line; - for stdin")
-    p.add_argument("--batch-size", type=int, help="URLs per message (IMGQ_BATCH_SIZE)")
-    p.add_argument("--wait", action="store_true", help="show progress, then write the results")
+    p.add_argument("--batch-size", type=positive_int, help="URLs per message (IMGQ_BATCH_SIZE)")
+    p.add_argument("--wait", action="store_true",
+                   help="wait, then write the results (to stdout, the job id then going to stderr; or to -o)")
     output_args(p)
+    quiet_args(p, progress=True)
     p.set_defaults(func=cmd_submit)
 
     p = sub.add_parser("status", help="a job's progress; without JOB, the deployment's")
     p.add_argument("job", nargs="?", help="job id (omit: queues, live workers, throughput, champion, recent jobs)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("reconcile", help="enqueue again a job's items that have no result (e.g. after Redis lost data)")
     p.add_argument("job")
     p.add_argument("urls", help="the URL file the job was submitted from (URLs are not kept in Redis); - for stdin")
-    p.add_argument("--batch-size", type=int, help="URLs per message (IMGQ_BATCH_SIZE)")
+    p.add_argument("--batch-size", type=positive_int, help="URLs per message (IMGQ_BATCH_SIZE)")
     p.add_argument("--dry-run", action="store_true", help="only count the items that have no result")
     p.set_defaults(func=cmd_reconcile)
 
     p = sub.add_parser("report", help="a self-contained HTML page of a job: thumbnails, labels, filters")
     p.add_argument("job")
     p.add_argument("-o", "--output", type=Path, default=Path("report.html"), help="HTML file (default report.html)")
-    p.add_argument("--limit", type=int, default=2000, help="items shown as cards (counts cover the whole job)")
+    p.add_argument("--limit", type=positive_int, default=2000, help="items shown as cards (counts cover the whole job)")
+    quiet_args(p)
     add_common(p, fetch=True)
     p.set_defaults(func=cmd_report)
 
@@ -176,5 +252,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     output_args(p)
     p.add_argument("--below", type=float, metavar="CONF",
                    help="only labelled items under this confidence, as a url,label manifest for review")
+    p.add_argument("--summary", action="store_true", help="counts only: results, missing, labels, error codes")
+    p.add_argument("--json", action="store_true", help="with --summary: one JSON object")
+    quiet_args(p)
     p.set_defaults(func=cmd_results)
-

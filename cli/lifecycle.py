@@ -5,20 +5,27 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TextIO
 
+import redis
 from celery import Celery
 
 from imgq.celery_app import RETRAIN_TASK
-from imgq.settings import Settings
+from imgq.errors import ImgqError
+from imgq.settings import Settings, redacted_url
 from model.champion import Champion, connect_optional
 from model.registry import list_versions
-from model.retrain import EventLog, RetrainRequest, train_and_gate
+from model.retrain import EventLog, RetrainRequest, events_key, train_and_gate
 from model.train import EpochStats
 from worker.manifest import load_training_data
+
+# `imgq retrain --wait`: how long a run may wait for its `started` event before we look for a trainer (a
+# trainer that is up takes a run within a second; one that is starting answers Celery's inspect by then).
+START_WITHIN_S = 10.0
 
 
 def trigger_retrain(app: Celery, settings: Settings, request: RetrainRequest) -> str:
@@ -46,13 +53,45 @@ def describe_outcome(outcome: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def follow_retrain(settings: Settings, run_id: str, out: TextIO = sys.stdout,
-                   timeout_s: float | None = None) -> dict[str, Any]:
-    """Print a run's progress until its final event (`failed`, "trainer died", if its trainer was killed)."""
+def trainer_consuming(app: Celery, queue: str, timeout_s: float = 1.0) -> bool:
+    """Whether a live worker consumes ``queue`` (Celery's ``inspect active_queues``)."""
+    replies = app.control.inspect(timeout=timeout_s).active_queues() or {}
+    return any(q.get("name") == queue for queues in replies.values() for q in queues or [])
+
+
+def no_trainer(queue: str, run_id: str) -> ImgqError:
+    return ImgqError(f"no trainer is consuming queue {queue}: retrain {run_id} waits there and runs when one "
+                     f"starts; start one with `imgq worker --queues {queue} --concurrency 1`")
+
+
+def _wait_started(client: redis.Redis, run_id: str, consuming: Callable[[], bool], every_s: float) -> bool:
+    """Until the run's first event (True); every ``every_s`` without one, False if no trainer consumes its
+    queue (a busy trainer is a reason to go on waiting: the run is queued behind another one)."""
+    key = events_key(run_id)
+    deadline = time.monotonic() + every_s
+    while not client.llen(key):
+        if time.monotonic() > deadline:
+            if not consuming():
+                return False
+            deadline = time.monotonic() + every_s
+        time.sleep(0.3)
+    return True
+
+
+def follow_retrain(settings: Settings, run_id: str, out: TextIO = sys.stdout, timeout_s: float | None = None,
+                   *, app: Celery | None = None, start_within_s: float = START_WITHIN_S) -> dict[str, Any]:
+    """Print a run's progress until its final event (`failed`, "trainer died", if its trainer was killed).
+
+    With ``app``: a run that has not started within ``start_within_s`` while no worker consumes the train
+    queue ends with an :class:`ImgqError` that says how to start a trainer (instead of waiting forever)."""
     client = connect_optional(settings.redis_url)
     if client is None:
-        raise ConnectionError(f"cannot reach Redis at {settings.redis_url}")
+        raise ImgqError(f"cannot reach Redis at {redacted_url(settings.redis_url)}; start Redis there or point "
+                        "IMGQ_REDIS_URL at a running one")
     try:
+        if app is not None and not _wait_started(client, run_id, lambda: trainer_consuming(app, settings.train_queue),
+                                                 start_within_s):
+            raise no_trainer(settings.train_queue, run_id)
         for event in EventLog(client, run_id).follow(timeout_s=timeout_s):
             if event["event"] == "epoch":
                 print(describe_epoch(event), file=out, flush=True)

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cli.options import add_common, settings_from, train_args
+from cli.options import add_common, positive_int, settings_from, train_args
 from imgq.errors import ImgqError
 
 
@@ -32,15 +32,22 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_retrain(args: argparse.Namespace) -> int:
-    from cli.lifecycle import follow_retrain, trigger_retrain
+    from cli.lifecycle import follow_retrain, no_trainer, trainer_consuming, trigger_retrain
     from imgq.celery_app import create_app
 
     settings = settings_from(args)
-    run_id = trigger_retrain(create_app(settings), settings, _retrain_request(args))
-    if args.wait:
-        outcome = follow_retrain(settings, run_id)
-        print(run_id)
-        return 0 if outcome["event"] == "done" else 1
+    request = _retrain_request(args)
+    app = create_app(settings)
+    try:
+        run_id = trigger_retrain(app, settings, request)
+        if args.wait:
+            outcome = follow_retrain(settings, run_id, app=app)
+            print(run_id)
+            return 0 if outcome["event"] == "done" else 1
+        if not args.quiet and not trainer_consuming(app, settings.train_queue):
+            print(f"imgq: warning: {no_trainer(settings.train_queue, run_id)}", file=sys.stderr)
+    finally:
+        app.close()
     print(run_id)
     return 0
 
@@ -85,6 +92,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("retrain", help="send a retrain to the trainer worker (train queue)")
     train_args(p)
     p.add_argument("--wait", action="store_true", help="show per-epoch progress and the outcome")
+    p.add_argument("-q", "--quiet", action="store_true", help="no warning when no trainer is up")
     p.set_defaults(func=cmd_retrain)
 
     p = sub.add_parser("models", help="the model registry: list, promote VERSION, rollback")
@@ -97,11 +105,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("demo-data", help="write the built-in demo data set as an ImageFolder")
     p.add_argument("out_dir", type=Path)
     p.add_argument("--split", choices=("train", "val", "test"), default="train")
-    p.add_argument("--per-class", type=int, default=100)
+    p.add_argument("--per-class", type=positive_int, default=100)
     p.set_defaults(func=cmd_demo_data)
 
     p = sub.add_parser("demo", help="train if needed, serve held-out demo images, classify them, score")
-    p.add_argument("--per-class", type=int, default=20)
+    p.add_argument("--per-class", type=positive_int, default=20)
     p.add_argument("--min-accuracy", type=float, default=0.9, help="exit 1 below this accuracy")
     add_common(p, model=True)
     p.set_defaults(func=cmd_demo)

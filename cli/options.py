@@ -22,7 +22,34 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 
 def store_for(settings: Settings) -> JobStore:
-    return JobStore.from_url(settings.redis_url, ttl_s=settings.job_ttl_s)
+    """A client's job store: it gives up within IMGQ_REDIS_TIMEOUT on a Redis that does not answer."""
+    return JobStore.from_url(settings.redis_url, ttl_s=settings.job_ttl_s, timeout_s=settings.redis_timeout_s)
+
+
+def positive_int(raw: str) -> int:
+    """An argparse type: a usage error (exit 2) names the flag, rather than a setting it overrides."""
+    try:
+        value = int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a whole number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, not {value}")
+    return value
+
+
+def quiet_args(p: argparse.ArgumentParser, *, progress: bool = False) -> None:
+    """-q everywhere; --progress where there is a wait to show (drawn by default on a terminal only)."""
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress, no notes on stderr (errors still)")
+    if progress:
+        p.add_argument("--progress", action="store_true",
+                       help="show progress on stderr even when it is not a terminal (a line every 2 s)")
+
+
+def progress_from(args: argparse.Namespace) -> bool | None:
+    """None: on a terminal only; True: asked for; False: -q."""
+    if args.quiet:
+        return False
+    return True if getattr(args, "progress", False) else None
 
 
 def add_common(p: argparse.ArgumentParser, *, model: bool = False, fetch: bool = False) -> None:
@@ -39,9 +66,10 @@ def train_args(p: argparse.ArgumentParser) -> None:
                    help="`demo`, an ImageFolder directory (root/<class>/<image>) or a url,label manifest (.csv/.jsonl)")
     p.add_argument("--arch", default=TRAIN_DEFAULTS.arch,
                    help="cnn (default), resnet18, mobilenet_v3_small, efficientnet_b0")
-    p.add_argument("--epochs", type=int, help="at most this many epochs (early stopping may end sooner)")
+    p.add_argument("--epochs", type=positive_int, help="at most this many epochs (early stopping may end sooner)")
     p.add_argument("--init", type=Path, help="start from this local safetensors weights file")
-    p.add_argument("--input-size", type=int, default=TRAIN_DEFAULTS.input_size, help="training and serving image size")
+    p.add_argument("--input-size", type=positive_int, default=TRAIN_DEFAULTS.input_size,
+                   help="training and serving image size")
     p.add_argument("--seed", type=int, default=0)
 
 

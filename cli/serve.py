@@ -9,10 +9,25 @@ from pathlib import Path
 
 from cli.options import add_common, settings_from
 from imgq.errors import ImgqError
+from imgq.settings import Settings
+
+
+def unused_queues(settings: Settings, queues: str) -> str | None:
+    """A one-line warning when ``--queues`` names a queue imgq never sends to (a typo, or the short name of one),
+    else None."""
+    known = (settings.classify_queue, settings.train_queue)
+    unknown = [q for q in (part.strip() for part in queues.split(",")) if q and q not in known]
+    if not unknown:
+        return None
+    return (f"imgq worker: warning: nobody sends to queue {', '.join(unknown)}: imgq sends classify batches to "
+            f"{settings.classify_queue} (IMGQ_CLASSIFY_QUEUE) and retrains to {settings.train_queue} "
+            f"(IMGQ_TRAIN_QUEUE); starting anyway")
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
     settings = settings_from(args)
+    if args.queues and (warning := unused_queues(settings, args.queues)):
+        print(warning, file=sys.stderr, flush=True)
     if args.gpus or args.processes is not None:
         from worker.supervisor import run_workers  # never imports torch: CUDA stays untouched here
 

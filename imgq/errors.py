@@ -45,6 +45,10 @@ class ExitCode(IntEnum):
     USAGE = 2  # a wrong invocation (argparse)
     REFUSED = 3  # a worker that cannot serve as configured (device, model): restarting would not help
     INTERRUPTED = 130  # Ctrl-C or SIGTERM
+    # The reader of stdout went away (`imgq results JOB | head`): silent, and the status a shell reports for a
+    # tool killed by SIGPIPE (128 + 13), as `cat`, `grep` or `seq` give; Python would otherwise print a
+    # BrokenPipeError traceback.
+    PIPE_CLOSED = 141
 
 
 class ItemError(Exception):
@@ -60,7 +64,16 @@ class ItemError(Exception):
 
 
 class ImgqError(Exception):
-    """A whole-operation failure (bad settings, no model, Redis refused a write): shown to the user and exit 1."""
+    """A whole-operation failure (bad settings, no model, Redis refused a write): shown to the user as one line
+    (`imgq: <what failed>; <what to do>`) and exit 1."""
+
+    exit_code: ExitCode = ExitCode.FAILED
+
+
+class Interrupted(ImgqError):
+    """Ctrl-C or SIGTERM stopped a command after it kept what was done; the message says what and how to go on."""
+
+    exit_code = ExitCode.INTERRUPTED
 
 
 class SettingsError(ImgqError):

@@ -18,7 +18,7 @@ import time
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 import redis
 
@@ -238,13 +238,26 @@ class JobStore:
         self._queued = client.register_script(_QUEUED_BATCHES)
 
     @classmethod
-    def from_url(cls, url: str, *, ttl_s: int) -> JobStore:
-        # Retries ride out a Redis restart or a dropped connection (the socket is re-opened per retry).
-        client = redis.Redis.from_url(
-            url, socket_connect_timeout=5, socket_timeout=30, health_check_interval=30,
-            retry=redis.retry.Retry(redis.backoff.ExponentialBackoff(cap=2.0), retries=20),
-            retry_on_error=[redis.ConnectionError, redis.TimeoutError],
-        )
+    def from_url(cls, url: str, *, ttl_s: int, timeout_s: float | None = None) -> Self:
+        """``timeout_s`` None: a worker's store, whose retries ride out a Redis restart or a dropped connection
+        (the socket is re-opened per retry). A number: a client command's store, which gives up within about
+        ``timeout_s`` (IMGQ_REDIS_TIMEOUT) on a Redis that refuses, does not answer or refuses the password."""
+        if timeout_s is None:
+            client = redis.Redis.from_url(
+                url, socket_connect_timeout=5, socket_timeout=30, health_check_interval=30,
+                retry=redis.retry.Retry(redis.backoff.ExponentialBackoff(cap=2.0), retries=20),
+                retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+            )
+        else:
+            # Worst cases: a black hole costs one connect timeout (a timeout is not retried); a closed port 3
+            # connects and 2 pauses of timeout/20; a refused password (an AuthenticationError is a
+            # ConnectionError to redis-py) 3 x 3 attempts, 8 pauses; a Redis that accepts but never answers, one
+            # read timeout. The retries are for a pooled connection dropped by a Redis restart.
+            client = redis.Redis.from_url(
+                url, socket_connect_timeout=timeout_s / 2, socket_timeout=timeout_s, health_check_interval=30,
+                retry=redis.retry.Retry(redis.backoff.ConstantBackoff(timeout_s / 20), retries=2,
+                                        supported_errors=(redis.ConnectionError,)),  # not its default timeouts
+            )
         return cls(client, ttl_s=ttl_s)
 
     @staticmethod

@@ -64,7 +64,9 @@ class RedisServer:
                 "--appendonly", "no", "--dir", str(self.data_dir), "--daemonize", "no", "--loglevel", "warning"]
         for key, value in self.config.items():
             args += [f"--{key}", value]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # Its own process group: a Ctrl-C in the terminal reaches only imgq, which still reads the results
+        # that are done from this Redis before it stops it.
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, process_group=0)
         client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
         deadline = time.monotonic() + timeout_s
         while True:

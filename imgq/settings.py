@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from imgq.errors import SettingsError
 
@@ -44,6 +45,9 @@ def _env(name: str) -> dict[str, Any]:
 @dataclass(frozen=True)
 class Settings:
     redis_url: str = field(default="redis://localhost:6379/0", metadata=_env("IMGQ_REDIS_URL"))
+    # Client commands (status, submit, results, ...) give up on a Redis that does not answer within this
+    # many seconds, with one line naming it; workers keep riding out a restart for longer (imgq.jobs).
+    redis_timeout_s: float = field(default=5.0, metadata=_env("IMGQ_REDIS_TIMEOUT"))
     model_dir: Path = field(default=Path("models"), metadata=_env("IMGQ_MODEL_DIR"))
     # auto = CUDA when torch sees a GPU, else CPU.
     device: str = field(default="auto", metadata=_env("IMGQ_DEVICE"))
@@ -174,6 +178,16 @@ class Settings:
         return out
 
 
+def redacted_url(url: str) -> str:
+    """``url`` with any password replaced by ``***``: what messages and logs may show of IMGQ_REDIS_URL."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
 def _csv(raw: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in raw.split(",") if part.strip())
 
@@ -220,7 +234,7 @@ def _validate(s: Settings) -> None:
     positive = ("retrain_epochs", "batch_size", "infer_batch", "topk", "concurrency", "fetch_timeout_s",
                 "connect_timeout_s", "max_bytes", "max_pixels", "fetch_concurrency", "per_host_concurrency",
                 "visibility_timeout_s", "task_time_limit_s", "max_deliveries", "job_ttl_s", "max_queue_depth",
-                "lease_s", "sweep_interval_s", "decode_timeout_s", "max_jpeg_scans")
+                "lease_s", "sweep_interval_s", "decode_timeout_s", "max_jpeg_scans", "redis_timeout_s")
     for name in positive:
         if getattr(s, name) <= 0:
             fail(name, "must be > 0")

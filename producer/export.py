@@ -1,11 +1,13 @@
-"""Exporting results: JSONL (the full record) or CSV (top-1 only), in input order."""
+"""Exporting results: JSONL (the full record) or CSV (top-1 only), in input order; a job's summary."""
 
 from __future__ import annotations
 
 import csv
 import json
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TextIO
 
 from imgq.jobs import JobStore
@@ -20,14 +22,35 @@ class ExportSummary:
     missing: int = 0
     labelled: int = 0
     errors: Counter[str] = field(default_factory=Counter)
+    labels: Counter[str] = field(default_factory=Counter)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"results": self.written, "missing": self.missing, "labelled": self.labelled,
+                "errors": dict(sorted(self.errors.items())), "labels": dict(sorted(self.labels.items()))}
+
+    def describe(self) -> str:
+        def counts(c: Counter[str]) -> str:
+            return ", ".join(f"{k}={n}" for k, n in sorted(c.items())) or "none"
+
+        return "\n".join([f"{'results':>9}: {self.written}", f"{'missing':>9}: {self.missing}",
+                          f"{'labelled':>9}: {self.labelled} ({counts(self.labels)})",
+                          f"{'errors':>9}: {sum(self.errors.values())} ({counts(self.errors)})"])
 
 
-def export_results(store: JobStore, job_id: str, out: TextIO, fmt: str = "jsonl") -> ExportSummary:
+def open_output(path: Path | None) -> TextIO:
+    """``path`` for writing, or stdout for None or ``-``."""
+    if path is None or str(path) == "-":
+        return sys.stdout
+    return open(path, "w", encoding="utf-8", newline="")  # the caller closes it
+
+
+def export_results(store: JobStore, job_id: str, out: TextIO | None, fmt: str = "jsonl") -> ExportSummary:
+    """Write the results that exist, in input order (``out`` None: only count them)."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     total = store.status(job_id).total
     summary = ExportSummary()
-    writer = csv.DictWriter(out, fieldnames=CSV_FIELDS) if fmt == "csv" else None
+    writer = csv.DictWriter(out, fieldnames=CSV_FIELDS) if fmt == "csv" and out is not None else None
     if writer:
         writer.writeheader()
     for record in store.iter_results(job_id, total):
@@ -39,6 +62,9 @@ def export_results(store: JobStore, job_id: str, out: TextIO, fmt: str = "jsonl"
             summary.errors[record["error"]["code"]] += 1
         else:
             summary.labelled += 1
+            summary.labels[record["label"]] += 1
+        if out is None:
+            continue
         if writer:
             writer.writerow(_csv_row(record))
         else:

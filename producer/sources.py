@@ -9,9 +9,13 @@ it) that the submitter turns into an ``invalid_url`` result naming the line, wit
 
 from __future__ import annotations
 
+import itertools
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import BinaryIO
+
+from imgq.errors import ImgqError
 
 _BOM = "\ufeff"
 
@@ -29,11 +33,29 @@ class UndecodableLine(str):
 
 
 def read_urls(source: str | Path) -> Iterator[str]:
+    """The URLs of ``source``, streamed. The file is opened here, not at the first URL: a path that cannot be
+    read fails (OSError) before anything, e.g. a job record, is created for it."""
     if _is_stdin(source):
-        yield from _clean(sys.stdin.buffer)
-        return
-    with open(source, "rb") as fh:
+        return _clean(sys.stdin.buffer)
+    fh = open(source, "rb")  # noqa: SIM115 (closed by _closing when the URLs are used up or dropped)
+    return _closing(fh)
+
+
+def _closing(fh: BinaryIO) -> Iterator[str]:
+    with fh:
         yield from _clean(fh)
+
+
+def first_url(urls: Iterator[str], source: str | Path) -> Iterator[str]:
+    """``urls`` unchanged, after checking that there is at least one: an empty file is a mistake (a wrong
+    path, an export that failed), not an empty job."""
+    try:
+        head = next(urls)
+    except StopIteration:
+        name = "stdin" if _is_stdin(source) else str(source)
+        raise ImgqError(f"{name} holds no URL (blank lines and # comments are skipped): nothing was submitted; "
+                        "give a file with one URL a line") from None
+    return itertools.chain([head], urls)
 
 
 def rereader(source: str | Path) -> Callable[[], Iterator[str]] | None:

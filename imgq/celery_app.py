@@ -13,6 +13,7 @@ from typing import Any
 
 from celery import Celery, signals
 
+from imgq.redis_conn import broker_options
 from imgq.settings import Settings
 
 CLASSIFY_TASK = "imgq.classify"
@@ -29,7 +30,8 @@ def _stamp_enqueue_time(headers: dict[str, Any] | None = None, **_: Any) -> None
 def create_app(settings: Settings) -> Celery:
     # Connected once per process (dispatch_uid), by whichever side builds an app first.
     signals.before_task_publish.connect(_stamp_enqueue_time, weak=False, dispatch_uid="imgq-stamp-enqueue-time")
-    app = Celery("imgq", broker=settings.redis_url, include=["worker.tasks"])
+    broker, sentinel = broker_options(settings.redis_url)
+    app = Celery("imgq", broker=broker, include=["worker.tasks"])
     vt = settings.visibility_timeout_s
     transport = {
         "visibility_timeout": vt,
@@ -44,6 +46,7 @@ def create_app(settings: Settings) -> Celery:
         "retry_on_timeout": True,
         "socket_keepalive": True,
         "health_check_interval": 25,
+        **sentinel,  # sentinel:// URLs: the master's name (imgq.redis_conn)
     }
     app.conf.update(
         task_serializer="json",

@@ -22,7 +22,7 @@ from typing import Any, Literal, Self
 
 import redis
 
-from imgq import keys, throughput
+from imgq import keys, redis_conn, throughput
 from imgq.errors import ErrorCode, ImgqError, ItemError
 
 # Keep the recent-jobs index from growing without bound.
@@ -243,7 +243,7 @@ class JobStore:
         (the socket is re-opened per retry). A number: a client command's store, which gives up within about
         ``timeout_s`` (IMGQ_REDIS_TIMEOUT) on a Redis that refuses, does not answer or refuses the password."""
         if timeout_s is None:
-            client = redis.Redis.from_url(
+            client = redis_conn.connect(
                 url, socket_connect_timeout=5, socket_timeout=30, health_check_interval=30,
                 retry=redis.retry.Retry(redis.backoff.ExponentialBackoff(cap=2.0), retries=20),
                 retry_on_error=[redis.ConnectionError, redis.TimeoutError],
@@ -253,7 +253,7 @@ class JobStore:
             # connects and 2 pauses of timeout/20; a refused password (an AuthenticationError is a
             # ConnectionError to redis-py) 3 x 3 attempts, 8 pauses; a Redis that accepts but never answers, one
             # read timeout. The retries are for a pooled connection dropped by a Redis restart.
-            client = redis.Redis.from_url(
+            client = redis_conn.connect(
                 url, socket_connect_timeout=timeout_s / 2, socket_timeout=timeout_s, health_check_interval=30,
                 retry=redis.retry.Retry(redis.backoff.ConstantBackoff(timeout_s / 20), retries=2,
                                         supported_errors=(redis.ConnectionError,)),  # not its default timeouts

@@ -229,8 +229,16 @@ def _validate(s: Settings) -> None:
         fail("device", f"must be one of {', '.join(DEVICES)}")
     if s.amp not in AMP_CHOICES:
         fail("amp", f"must be one of {', '.join(AMP_CHOICES)}")
-    if not s.redis_url.startswith(("redis://", "rediss://", "unix://")):
-        fail("redis_url", "must start with redis://, rediss:// or unix://")
+    if not s.redis_url.startswith(("redis://", "rediss://", "unix://", "sentinel://")):
+        fail("redis_url", "must start with redis://, rediss://, unix:// or sentinel:// "
+             "(sentinel://host:26379,host2:26379/master_name/db)")
+    if s.redis_url.startswith("sentinel://"):
+        from imgq.redis_conn import parse_sentinel
+
+        try:
+            parse_sentinel(s.redis_url)
+        except ValueError as exc:
+            fail("redis_url", str(exc))
     positive = ("retrain_epochs", "batch_size", "infer_batch", "topk", "concurrency", "fetch_timeout_s",
                 "connect_timeout_s", "max_bytes", "max_pixels", "fetch_concurrency", "per_host_concurrency",
                 "visibility_timeout_s", "task_time_limit_s", "max_deliveries", "job_ttl_s", "max_queue_depth",

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import redis
 
-from imgq import keys
+from imgq import keys, redis_conn
 from imgq.errors import ImgqError
 from model import pointer
 from model.pointer import ChampionState
@@ -168,7 +168,7 @@ def _promoted(state: ChampionState, version: str) -> ChampionState:
 
 def connect_optional(url: str) -> redis.Redis | None:
     """A Redis client if one answers quickly, else None (local `imgq train` works without Redis)."""
-    client = redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=2)
+    client = redis_conn.connect(url, socket_connect_timeout=0.5, socket_timeout=2)
     try:
         client.ping()
     except (redis.ConnectionError, redis.TimeoutError, OSError):

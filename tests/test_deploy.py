@@ -33,6 +33,7 @@ from cli.main import build_parser
 from cli.models import cmd_train
 from cli.serve import cmd_beat, cmd_worker
 from imgq.local import worker_command
+from imgq.redis_conn import parse_sentinel
 from imgq.redis_server import RedisServer, find_redis_server, free_port
 from imgq.settings import Settings
 from worker.supervisor import gpu_children
@@ -451,3 +452,15 @@ def test_worker_beat_and_flower_commands_run_and_pass_their_healthchecks(
                 proc.kill()
                 proc.wait()
                 pytest.fail(f"{name} ignored SIGTERM:\n{log.read_text()[-2000:]}")
+
+
+def test_the_sentinel_override_points_every_imgq_service_at_three_sentinels() -> None:
+    services = config("docker-compose.yml", "docker-compose.sentinel.yml")["services"]
+    assert {"redis-replica-1", "redis-replica-2", "sentinel-1", "sentinel-2", "sentinel-3"} <= set(services)
+    for name in IMGQ_SERVICES:
+        url = env_of(services[name])["IMGQ_REDIS_URL"]
+        target = parse_sentinel(url)
+        assert target.master == "mymaster" and len(target.sentinels) == 3, (name, url)
+        assert Settings.from_env({"IMGQ_REDIS_URL": url}).redis_url == url
+    for name in ("redis-replica-1", "sentinel-1"):
+        assert PASSWORD not in json.dumps(services[name]["command"]), name  # config on stdin or in a file

@@ -11,12 +11,11 @@ import logging
 import time
 from typing import Any
 
-import redis
 from celery.beat import PersistentScheduler, ScheduleEntry
 from celery.schedules import crontab, schedule
 
-from imgq import keys
-from imgq.celery_app import RETRAIN_TASK
+from imgq import keys, redis_conn
+from imgq.celery_app import RETRAIN_TASK, app_settings
 from imgq.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -43,7 +42,7 @@ class OncePerTickScheduler(PersistentScheduler):  # type: ignore[misc]
         # The tick: due time rounded to the schedule's resolution, the same in every beat process.
         period = 60.0 if isinstance(entry.schedule, crontab) else entry.schedule.run_every.total_seconds()
         tick = int(time.time() // max(period, 1.0))
-        client = redis.Redis.from_url(self.app.conf.broker_url, socket_connect_timeout=5)
+        client = redis_conn.connect(app_settings(self.app).redis_url, socket_connect_timeout=5)
         try:
             claimed = client.set(keys.beat_tick(entry.name, tick), "1", nx=True, ex=int(max(period, 60) * 2))
         finally:

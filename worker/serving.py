@@ -19,9 +19,9 @@ import threading
 import time
 from collections.abc import Sequence
 
-import redis
 import torch
 
+from imgq import redis_conn
 from imgq.errors import ErrorCode, ItemError, SettingsError
 from imgq.settings import Settings
 from model.champion import Champion
@@ -53,7 +53,7 @@ class Serving:
             torch.set_num_threads(threads)
         # Before any model loads: hot-reloaded models get the same options.
         configure_serving(ServingOptions(amp=settings.amp, compile=settings.compile))
-        self.redis = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5, socket_timeout=10)
+        self.redis = redis_conn.connect(settings.redis_url, socket_connect_timeout=5, socket_timeout=10)
         self._models = ModelWatcher(Champion(settings.model_dir, self.redis), self.device,
                                     check_every_s=settings.reload_check_s)
         log.info("imgq engine: model %s on %s", self.model.version, self.device)

@@ -36,6 +36,7 @@ test: lint
 
 bench: install
 	$(PY) -m bench.run
+	$(PY) -m bench.datasets --out bench/datasets.json
 
 # The images built with no registry and docker-compose.yml run for real, scaled, with a worker killed (README,
 # "Deploy"). Needs root and Docker (dockerd is started if none runs); multi-GB images, so not part of `make test`.

@@ -18,7 +18,8 @@ def _retrain_request(args: argparse.Namespace) -> Any:
     if args.arch not in ARCHITECTURES:
         raise ImgqError(f"--arch {args.arch!r}: choose one of {', '.join(ARCHITECTURES)}")
     return RetrainRequest(source=args.data, arch=args.arch, epochs=args.epochs,
-                          init=str(args.init) if args.init else None, seed=args.seed, input_size=args.input_size)
+                          init=str(args.init) if args.init else None, seed=args.seed, input_size=args.input_size,
+                          augment=args.augment)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -83,6 +84,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if accuracy >= args.min_accuracy else 1
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from model.evaluate import HTML_FILE, evaluate
+
+    settings = settings_from(args)
+    result = evaluate(args.data, settings.model_dir, args.model, out=args.out, device=settings.device)
+    print(result.describe())
+    print(f"report: {args.out / HTML_FILE} (and evaluation.json)")
+    return 0
+
+
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("train", help="train here; promote the model if it passes the gate")
     train_args(p)
@@ -113,3 +124,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--min-accuracy", type=float, default=0.9, help="exit 1 below this accuracy")
     add_common(p, model=True)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("evaluate", help="score a model on a labelled ImageFolder: accuracy, per-class precision "
+                       "and recall, confusion matrix, the misclassified images (HTML)")
+    p.add_argument("--data", type=Path, required=True, help="labelled images: DIR/<class>/<image>")
+    p.add_argument("--model", metavar="VERSION", help="version to score (default: the champion; imgq models list)")
+    p.add_argument("-o", "--out", type=Path, default=Path("evaluation"),
+                   help="report directory: evaluation.html and evaluation.json (default ./evaluation)")
+    add_common(p, model=True)
+    p.set_defaults(func=cmd_evaluate)

@@ -69,7 +69,11 @@ def train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=positive_int, help="at most this many epochs (early stopping may end sooner)")
     p.add_argument("--init", type=Path, help="start from this local safetensors weights file")
     p.add_argument("--input-size", type=positive_int, default=TRAIN_DEFAULTS.input_size,
-                   help="training and serving image size")
+                   help="training and serving image size (default: from the images: median short side, 32-64 px)")
+    # The choices spelled here, not imported from model.augment: the CLI's parser must not import torch.
+    p.add_argument("--augment", choices=("none", "light", "standard"), default=TRAIN_DEFAULTS.augment,
+                   help="light (default) never mirrors: digits, text; standard adds flips: photos, textures, faces, "
+                        "objects; none")
     p.add_argument("--seed", type=int, default=0)
 
 

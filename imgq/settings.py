@@ -32,7 +32,10 @@ class TrainDefaults:
 
     source: str = "demo"
     arch: str = "cnn"
-    input_size: int = 64
+    # None: chosen from the data (model.recipe: the images' median short side, 32-64 px).
+    input_size: int | None = None
+    # model.augment: light never mirrors (digits, text keep their meaning); standard adds flips; none.
+    augment: str = "light"
 
 
 TRAIN_DEFAULTS = TrainDefaults()
@@ -142,7 +145,8 @@ class Settings:
     retrain_interval_s: float = field(default=0.0, metadata=_env("IMGQ_RETRAIN_INTERVAL"))
     retrain_data: str = field(default=TRAIN_DEFAULTS.source, metadata=_env("IMGQ_RETRAIN_DATA"))
     retrain_arch: str = field(default=TRAIN_DEFAULTS.arch, metadata=_env("IMGQ_RETRAIN_ARCH"))
-    retrain_epochs: int = field(default=8, metadata=_env("IMGQ_RETRAIN_EPOCHS"))
+    # 0: chosen from the data set's size (model.recipe), with early stopping on the validation split.
+    retrain_epochs: int = field(default=0, metadata=_env("IMGQ_RETRAIN_EPOCHS"))
     # Images fetched for manifest training data are cached here (default: MODEL_DIR/cache).
     cache_dir: str = field(default="", metadata=_env("IMGQ_CACHE_DIR"))
     classify_queue: str = field(default="imgq.classify", metadata=_env("IMGQ_CLASSIFY_QUEUE"))
@@ -239,7 +243,7 @@ def _validate(s: Settings) -> None:
             parse_sentinel(s.redis_url)
         except ValueError as exc:
             fail("redis_url", str(exc))
-    positive = ("retrain_epochs", "batch_size", "infer_batch", "topk", "concurrency", "fetch_timeout_s",
+    positive = ("batch_size", "infer_batch", "topk", "concurrency", "fetch_timeout_s",
                 "connect_timeout_s", "max_bytes", "max_pixels", "fetch_concurrency", "per_host_concurrency",
                 "visibility_timeout_s", "task_time_limit_s", "max_deliveries", "job_ttl_s", "max_queue_depth",
                 "lease_s", "sweep_interval_s", "decode_timeout_s", "max_jpeg_scans", "redis_timeout_s")
@@ -248,7 +252,8 @@ def _validate(s: Settings) -> None:
             fail(name, "must be > 0")
     if s.retrain_cron and len(s.retrain_cron.split()) != 5:
         fail("retrain_cron", "must be a 5-field cron expression such as '0 3 * * *' (minute hour day month weekday)")
-    for name in ("infer_wait_ms", "max_redirects", "torch_threads", "infer_threads", "decode_threads",
+    for name in ("infer_wait_ms", "retrain_epochs",
+                 "max_redirects", "torch_threads", "infer_threads", "decode_threads",
                  "malloc_arenas", "reload_check_s", "promote_tolerance", "retrain_interval_s"):
         if getattr(s, name) < 0:
             fail(name, "must be >= 0")

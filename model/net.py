@@ -12,6 +12,10 @@ from torch import nn
 from torchvision import models
 
 ARCHITECTURES = ("cnn", "resnet18", "mobilenet_v3_small", "efficientnet_b0")
+# The classifier layers of each network, by state-dict prefix: what fine-tuning trains first (the rest is
+# the backbone).
+HEAD_PREFIXES = {"cnn": "head.", "resnet18": "fc.", "mobilenet_v3_small": "classifier.",
+                 "efficientnet_b0": "classifier."}
 
 
 @dataclass(frozen=True)
@@ -105,6 +109,12 @@ class SmallCNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = self.head(self.pool(self.features(x)))
         return out
+
+
+def is_head(arch: str, name: str) -> bool:
+    """Whether parameter or module ``name`` belongs to the classifier head of an ``arch`` network."""
+    prefix = HEAD_PREFIXES[arch]
+    return name.startswith(prefix) or name == prefix.rstrip(".")
 
 
 def _unknown_arch(arch: str) -> str:

@@ -1,7 +1,8 @@
 """The image -> tensor step, one callable shared by training and serving (torchvision's presets).
 
-Serving and validation use :class:`Preprocess`; training uses :class:`TrainPreprocess`, which adds
-augmentation in front of the same resize/normalise so the two cannot drift apart.
+Serving and validation use :class:`Preprocess`; training uses the same resize and normalise with
+augmentation (:mod:`model.augment`) between them, so the two cannot drift apart: with ``none`` the training
+tensors are the serving ones bit for bit.
 """
 
 from __future__ import annotations
@@ -12,6 +13,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 from torchvision.transforms import v2
+
+from model.augment import DEFAULT_AUGMENT, policy
+from model.augment import augment as augment_pixels
 
 Triple = tuple[float, float, float]
 
@@ -35,35 +39,40 @@ class Preprocess:
     def __call__(self, img: Image.Image) -> torch.Tensor:
         # self.transform's steps written out (v2 resizes a PIL image with Pillow's bilinear, which antialiases),
         # without v2's per-call dispatch: ~0.1 ms of Python per image, GIL held, in every decode thread.
+        return self.pixels(img).to(torch.float32).mul_(1.0 / 255).sub(self._mean).div_(self._std)
+
+    def pixels(self, img: Image.Image) -> torch.Tensor:
+        """The resize step alone: uint8 3 x size x size (training caches these and augments them)."""
         resized = np.array(img.resize((self.size, self.size), Image.Resampling.BILINEAR))
         pixels = torch.from_numpy(resized)
-        pixels = pixels.permute(2, 0, 1) if pixels.ndim == 3 else pixels.unsqueeze(0)
-        return pixels.to(torch.float32).mul_(1.0 / 255).sub(self._mean).div_(self._std)
+        return pixels.permute(2, 0, 1) if pixels.ndim == 3 else pixels.unsqueeze(0)
+
+    def normalise(self, scaled: torch.Tensor) -> torch.Tensor:
+        """The last step, for one image or a batch already scaled to [0, 1]: the same arithmetic as __call__."""
+        return scaled.sub(self._mean).div_(self._std)
 
     def __repr__(self) -> str:
         return f"Preprocess(size={self.size}, mean={self.mean}, std={self.std})"
 
 
 class TrainPreprocess(Preprocess):
-    """:class:`Preprocess` plus light augmentation; draws from torch's global RNG (seed it)."""
+    """:class:`Preprocess` with training augmentation (:mod:`model.augment`) between its resize and normalise.
 
-    def __init__(self, *, size: int, mean: Triple, std: Triple) -> None:
+    ``augment`` is ``none``, ``light`` (default: no mirror images, safe for digits and text) or ``standard``.
+    One image at a time, drawing from torch's global RNG (seed it); ``train()`` runs the same
+    :func:`model.augment.augment` on whole batches with its own generator.
+    """
+
+    def __init__(self, *, size: int, mean: Triple, std: Triple, augment: str = DEFAULT_AUGMENT) -> None:
         super().__init__(size=size, mean=mean, std=std)
-        self.transform = v2.Compose([
-            # A mild crop: the demo shapes must stay whole, or a cropped star could look like a cross.
-            v2.RandomResizedCrop((size, size), scale=(0.75, 1.0), ratio=(0.85, 1.18), antialias=True),
-            v2.RandomHorizontalFlip(),
-            v2.RandomVerticalFlip(),
-            v2.PILToTensor(),
-            # Jitter after the uint8 conversion: much cheaper on a small tensor than on a PIL image.
-            v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(mean=list(mean), std=list(std)),
-        ])
+        self.augment = augment
+        self.policy = policy(augment)
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
-        out: torch.Tensor = self.transform(img)
-        return out
+        return self.normalise(augment_pixels(self.pixels(img)[None], self.policy))[0]
+
+    def __repr__(self) -> str:
+        return f"TrainPreprocess(size={self.size}, mean={self.mean}, std={self.std}, augment={self.augment!r})"
 
 
 def _to_normalised(mean: Triple, std: Triple) -> list[v2.Transform]:

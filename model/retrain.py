@@ -100,7 +100,8 @@ class RetrainRequest:
     init: str | None = None
     seed: int = 0
     # 64 keeps CPU training to minutes for every architecture; torchvision models adapt their pooling.
-    input_size: int = TRAIN_DEFAULTS.input_size
+    input_size: int | None = TRAIN_DEFAULTS.input_size
+    augment: str = TRAIN_DEFAULTS.augment
     trigger: str = "manual"  # manual | beat
 
 
@@ -251,7 +252,8 @@ def train_and_gate(settings: Settings, champion: Champion, request: RetrainReque
     """
     data = load_data(request.source, settings)
     config = TrainConfig(source=request.source, arch=request.arch, seed=request.seed, init=request.init,
-                         epochs=request.epochs or settings.retrain_epochs, input_size=request.input_size)
+                         epochs=request.epochs or settings.retrain_epochs or None, input_size=request.input_size,
+                         augment=request.augment)
     result = train(config, settings.model_dir, on_epoch=on_epoch, promote=False, data=data)
     compared = champion.get()
     decision = decide(result.val_accuracy, _load(compared, settings), result.val_items, result.classes,

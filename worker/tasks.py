@@ -65,8 +65,9 @@ def _redis() -> redis.Redis:
 # and the next trigger (or beat) starts a new one. The time limit only bounds a live run.
 @app.task(name=RETRAIN_TASK, bind=True, acks_late=False, time_limit=RUN_TIME_LIMIT_S)
 def retrain(self: Task, source: str = TRAIN_DEFAULTS.source, arch: str = TRAIN_DEFAULTS.arch, epochs: int | None = None,
-            init: str | None = None, seed: int = 0, input_size: int = TRAIN_DEFAULTS.input_size,
+            init: str | None = None, seed: int = 0, input_size: int | None = TRAIN_DEFAULTS.input_size,
+            augment: str = TRAIN_DEFAULTS.augment,
             trigger: str = "manual") -> dict[str, Any]:
     request = RetrainRequest(source=source, arch=arch, epochs=epochs, init=init, seed=seed, input_size=input_size,
-                             trigger=trigger)
+                             augment=augment, trigger=trigger)
     return run_retrain(app_settings(), _redis(), str(self.request.id), request, load_data=load_training_data)

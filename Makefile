@@ -29,7 +29,7 @@ demo: install
 
 lint: install
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy imgq model worker producer bench tests
+	$(VENV)/bin/mypy imgq model worker producer cli bench tests deploy
 
 test: lint
 	$(PY) -m pytest -q -p no:cacheprovider

@@ -107,6 +107,12 @@ class LeaseKeeper:
             except redis.RedisError as exc:  # Redis down: the leases may lapse; the batches still finish
                 log.warning("cannot renew %d batch leases: %s", len(leases), exc)
                 continue
+            except (OSError, ValueError) as exc:
+                # The store's client was closed under us (its owner shut down): nothing left to renew for it.
+                log.info("batch leases of a closed store dropped: %s", exc)
+                for lease, _ in leases:
+                    self.drop(lease)
+                continue
             for (lease, _), ok in zip(leases, renewed, strict=True):
                 if not ok:
                     # Released by its write a moment ago, or lost: it expired (this process stalled longer than a

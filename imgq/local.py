@@ -14,7 +14,9 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+import redis
 from celery import Celery
+from kombu.exceptions import OperationalError
 
 from imgq.celery_app import create_app
 from imgq.errors import ExitCode, ImgqError
@@ -117,8 +119,11 @@ class LocalCluster:
         deadline = time.monotonic() + timeout_s
         while True:
             self.check_alive()
-            if len(self.app.control.ping(timeout=0.5)) >= want:
-                return
+            try:
+                if len(self.app.control.ping(timeout=0.5)) >= want:
+                    return
+            except (redis.ConnectionError, OperationalError, OSError):
+                pass  # a broker connection dropped while we asked (seen on a loaded machine): ask again
             if time.monotonic() > deadline:
                 tails = "\n".join(w.log_tail() for w in self.workers)
                 raise ImgqError(f"workers not ready after {timeout_s:g} s:\n{tails}")

@@ -107,8 +107,9 @@ class LeaseKeeper:
             except redis.RedisError as exc:  # Redis down: the leases may lapse; the batches still finish
                 log.warning("cannot renew %d batch leases: %s", len(leases), exc)
                 continue
-            except (OSError, ValueError) as exc:
-                # The store's client was closed under us (its owner shut down): nothing left to renew for it.
+            except Exception as exc:  # a daemon thread must not die: its other stores' leases still need renewing
+                # The store's client was closed under us (its owner shut down; redis-py then fails with OSError,
+                # ValueError or AttributeError from its parser): nothing left to renew for it.
                 log.info("batch leases of a closed store dropped: %s", exc)
                 for lease, _ in leases:
                     self.drop(lease)

@@ -92,6 +92,9 @@ class Settings:
     # Prometheus metrics endpoint of each worker process; 0 = off. `imgq worker --gpus/--processes` gives
     # child i port + i. 9108: next to the exporters' usual 91xx range, unused by common ones.
     metrics_port: int = field(default=9108, metadata=_env("IMGQ_METRICS_PORT"))
+    # The address /metrics listens on: all interfaces by default, the exporters' convention (a Prometheus on
+    # another host scrapes it); 127.0.0.1 keeps it on the host. An IP address (IPv4 or IPv6).
+    metrics_addr: str = field(default="0.0.0.0", metadata=_env("IMGQ_METRICS_ADDR"))
 
     # Fetching. A whole fetch (connect, redirects, body) must finish within fetch_timeout_s: a 1-byte
     # trickle would otherwise hold a slot forever (aiohttp's socket-read timeout is unbounded by default).
@@ -108,6 +111,13 @@ class Settings:
     allow_networks: tuple[str, ...] = field(default=(), metadata=_env("IMGQ_ALLOW_NETWORKS"))
     image_formats: tuple[str, ...] = field(default=DEFAULT_IMAGE_FORMATS, metadata=_env("IMGQ_IMAGE_FORMATS"))
     user_agent: str = field(default="imgq/0.1", metadata=_env("IMGQ_USER_AGENT"))
+    # Extra attempts after a transient failure (connection refused/reset, connect timeout, 408, 429, 502, 503,
+    # 504), with jittered back-off or the server's Retry-After, all inside IMGQ_FETCH_TIMEOUT (worker/fetch.py).
+    # 2: a blip or a brief overload costs a second or two, not the item; more rarely helps within 15 s.
+    fetch_retries: int = field(default=2, metadata=_env("IMGQ_FETCH_RETRIES"))
+    # Requests a second to one host from one worker process (retries and redirects included); 0 = no limit.
+    # Per process: a deployment sends at most this times its worker processes.
+    per_host_rps: float = field(default=0.0, metadata=_env("IMGQ_PER_HOST_RPS"))
 
     # Delivery. A message not acked within visibility_timeout_s is delivered again by kombu, so this
     # bounds how long a batch held by a dead worker waits (kombu's default is 1 h). It must exceed the
@@ -254,11 +264,16 @@ def _validate(s: Settings) -> None:
         fail("retrain_cron", "must be a 5-field cron expression such as '0 3 * * *' (minute hour day month weekday)")
     for name in ("infer_wait_ms", "retrain_epochs",
                  "max_redirects", "torch_threads", "infer_threads", "decode_threads",
-                 "malloc_arenas", "reload_check_s", "promote_tolerance", "retrain_interval_s"):
+                 "malloc_arenas", "reload_check_s", "promote_tolerance", "retrain_interval_s",
+                 "fetch_retries", "per_host_rps"):
         if getattr(s, name) < 0:
             fail(name, "must be >= 0")
     if not 0 <= s.metrics_port <= 65535:
         fail("metrics_port", "must be a TCP port (1-65535), or 0 for no metrics endpoint")
+    try:
+        ipaddress.ip_address(s.metrics_addr)
+    except ValueError:
+        fail("metrics_addr", "must be an IP address: 0.0.0.0 (all interfaces), 127.0.0.1, :: or ::1")
     if s.task_time_limit_s >= s.visibility_timeout_s:
         fail("task_time_limit_s", f"must be below IMGQ_VISIBILITY_TIMEOUT ({s.visibility_timeout_s:g} s), "
              "or a running batch would be delivered again while it still runs")

@@ -24,7 +24,11 @@ Canned handlers (each returns a handler for :meth:`HTTPTestServer.add_handler`):
 * :func:`chunked_body` -- a chunked body of ``total`` bytes (or endless), generated lazily, never materialised;
 * :func:`trickle` -- one byte every ``interval_s`` seconds, forever;
 * :func:`drop_mid_body` -- declares a ``Content-Length``, sends part of it, then drops the connection;
-* :func:`raw_response` -- writes raw bytes on the socket (e.g. a Content-Length that lies low) and closes.
+* :func:`raw_response` -- writes raw bytes on the socket (e.g. a Content-Length that lies low) and closes;
+* :func:`answer` -- a fixed status, headers and body (``answer(429, headers={"Retry-After": "1"})``);
+* :func:`reset_mid_body` -- declares a ``Content-Length``, sends part of it, then resets the connection (RST);
+* :func:`flaky` -- the first requests get the given failing handlers, one each in order, later ones ``then``;
+* :func:`stamped` -- records when each request arrived (``time.monotonic()``), then answers with a handler.
 
 Handlers are cancelled when the client disconnects, so endless bodies stop when the fetcher gives up.
 """
@@ -34,9 +38,11 @@ from __future__ import annotations
 import asyncio
 import inspect
 import socket
+import struct
 import threading
+import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, NoReturn
 
 from aiohttp import web
@@ -228,3 +234,65 @@ def _abort(request: web.BaseRequest) -> NoReturn:
     if request.transport is not None:
         request.transport.close()
     raise asyncio.CancelledError
+
+
+def answer(status: int, body: bytes = b"", *, headers: Mapping[str, str] | None = None,
+           content_type: str = "application/octet-stream") -> Handler:
+    """A fixed answer: ``status``, ``headers`` and ``body``."""
+
+    def handler(request: web.BaseRequest) -> web.StreamResponse:
+        return web.Response(body=body, status=status, content_type=content_type, headers=headers)
+
+    return handler
+
+
+def reset_mid_body(declared: int = 100_000, sent: int = 1000, content_type: str = "image/jpeg") -> Handler:
+    """Declare ``declared`` bytes, send ``sent`` of them, then reset the connection: a TCP RST, not a close."""
+
+    async def handler(request: web.BaseRequest) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": content_type, "Content-Length": str(declared)})
+        await resp.prepare(request)
+        await resp.write(b"\xff" * sent)
+        await resp.drain()
+        transport = request.transport
+        assert transport is not None
+        sock = transport.get_extra_info("socket")
+        # Linger on with a zero timeout: closing the socket sends RST instead of FIN.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        transport.abort()
+        raise asyncio.CancelledError
+
+    return handler
+
+
+def flaky(failures: Sequence[Handler], then: Handler) -> Handler:
+    """Request k (from 0) of this path gets ``failures[k]`` while there are failures left; later ones ``then``."""
+    served = 0
+    lock = threading.Lock()
+
+    async def handler(request: web.BaseRequest) -> web.StreamResponse:
+        nonlocal served
+        with lock:
+            k, served = served, served + 1
+        chosen = failures[k] if k < len(failures) else then
+        result = chosen(request)
+        if inspect.isawaitable(result):
+            result = await result
+        assert isinstance(result, web.StreamResponse)
+        return result
+
+    return handler
+
+
+def stamped(then: Handler, arrivals: list[float]) -> Handler:
+    """Append each request's arrival (``time.monotonic()``, this process's clock) to ``arrivals``, then ``then``."""
+
+    async def handler(request: web.BaseRequest) -> web.StreamResponse:
+        arrivals.append(time.monotonic())
+        result = then(request)
+        if inspect.isawaitable(result):
+            result = await result
+        assert isinstance(result, web.StreamResponse)
+        return result
+
+    return handler

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from imgq.jobs import JobStore
+from imgq.errors import ExitCode, ImgqError
+from imgq.jobs import RECORD_FIELDS, JobStore
 from imgq.settings import DEVICES, TRAIN_DEFAULTS, Settings
+
+if TYPE_CHECKING:
+    from producer.sources import Columns
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
@@ -77,6 +82,50 @@ def train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
-def output_args(p: argparse.ArgumentParser) -> None:
+class UsageError(ImgqError):
+    """A wrong invocation found past argparse (a flag that does not fit the input): one line, exit 2."""
+
+    exit_code = ExitCode.USAGE
+
+
+def keep_columns(raw: str) -> tuple[str, ...]:
+    """An argparse type for --keep COL[,COL...]: a column named like one of the record's own fields would
+    overwrite it, so it is refused (exit 2), listing those names."""
+    names = tuple(dict.fromkeys(n.strip() for n in raw.split(",") if n.strip()))
+    if not names:
+        raise argparse.ArgumentTypeError("name at least one column, e.g. --keep id or --keep id,source")
+    clash = [n for n in names if n in RECORD_FIELDS]
+    if clash:
+        raise argparse.ArgumentTypeError(
+            f"{', '.join(map(repr, clash))} is a field of the result record itself ({', '.join(RECORD_FIELDS)}); "
+            "rename that column in the table to keep it")
+    return names
+
+
+def table_args(p: argparse.ArgumentParser) -> None:
+    """--url-column and --keep, for commands that read a job's input."""
+    p.add_argument("--url-column", metavar="NAME", help="a table's URL column (default: url)")
+    p.add_argument("--keep", type=keep_columns, metavar="COL[,COL...]",
+                   help="a table's columns to copy into each result record (e.g. an id to join the results on)")
+
+
+def columns_from(args: argparse.Namespace) -> Columns | None:
+    """The table columns the flags name; None for a URL list, where the flags have no meaning (exit 2)."""
+    from producer.sources import TABLE_SUFFIXES, Columns, is_table
+
+    url_column, keep = getattr(args, "url_column", None), getattr(args, "keep", None)
+    if not is_table(args.urls):
+        if url_column is not None or keep:
+            flag = "--url-column" if url_column is not None else "--keep"
+            raise UsageError(f"{flag} needs a table ({', '.join(TABLE_SUFFIXES)}), and {args.urls} is read as a URL "
+                             "list (one URL a line); see `imgq -h`")
+        return None
+    return Columns(url=url_column or "url", keep=keep or ())
+
+
+def output_args(p: argparse.ArgumentParser, *, formats: tuple[str, ...] = ("jsonl", "csv"),
+                default: str | None = "jsonl") -> None:
+    """``default`` None: the format comes from -o's extension (producer.export.format_for)."""
     p.add_argument("-o", "--output", type=Path, help="results file (default: stdout)")
-    p.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
+    p.add_argument("--format", choices=formats, default=default,
+                   help=None if default else "default: from -o's extension (.csv, .parquet), else jsonl")

@@ -8,6 +8,13 @@ double-count nor overwrite a result, and the write is one round trip. Every ``im
 a TTL (the job's, or the lease's). Every script that writes a job's keys first checks that the job hash
 exists: a write for a job Redis no longer knows (expired, or lost in a restart without persistence) writes
 nothing, so it can never leave keys without the job record or without a TTL.
+
+`imgq results JOB --follow` (:mod:`producer.follow`) moves finished results out of Redis into part files.
+An index whose result has left is marked in the ``exported`` bitmap (one bit an index), set in the same Lua
+call that deletes it from the results hash, and the job hash counts it (``exported``). So "this index has a
+result" is: in the results hash, or its bit set. Every check (the write's first-wins, the claim, unfinished,
+missing_indices, status) asks both, and a redelivered batch cannot add a second result for an index that was
+exported. A job that is never followed has no bitmap at all: nothing is set until a result leaves.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import json
 import re
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Self
 
@@ -30,16 +37,17 @@ _JOBS_INDEX_MAX = 1000
 # What `imgq submit` prints as a job id (uuid4().hex).
 _JOB_ID = re.compile(r"[0-9a-f]{32}")
 
-# KEYS: results, job hash, throughput window, pending, lease, dead list, active set. ARGV: ttl, window ttl, job
-# id, batch id ('' for none), lease token ('' for none), dead-letter entry ('' for none), then (index, record
-# json, is_error) triples. -1: the job hash is gone, nothing written. Writing a batch's results ends it: its
-# pending payload goes, and its lease if it is still this delivery's.
+# KEYS: results, job hash, throughput window, pending, lease, dead list, active set, exported bitmap. ARGV: ttl,
+# window ttl, job id, batch id ('' for none), lease token ('' for none), dead-letter entry ('' for none), then
+# (index, record json, is_error) triples. -1: the job hash is gone, nothing written. Writing a batch's results
+# ends it: its pending payload goes, and its lease if it is still this delivery's. An exported index (its bit
+# set) already has its result, in a part file.
 _WRITE_RESULTS = """
 if redis.call('EXISTS', KEYS[2]) == 0 then return -1 end
 local written = 0
 local failed = 0
 for i = 7, #ARGV, 3 do
-  if redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1]) == 1 then
+  if redis.call('GETBIT', KEYS[8], ARGV[i]) == 0 and redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1]) == 1 then
     written = written + 1
     if ARGV[i + 2] == '1' then failed = failed + 1 end
   end
@@ -81,14 +89,15 @@ end
 return {batches - 1, redis.call('LLEN', KEYS[2]), max}
 """
 
-# KEYS: job hash, results, lease, deliveries, pending, active set. ARGV: token, lease ms, ttl, batch id, take
-# over (1/0), job id, then the batch's indices. -1: job gone; 0: every item has a result (a copy of a finished
-# batch: not a delivery); -2: another delivery holds the lease; n > 0: leased, and this is delivery n.
+# KEYS: job hash, results, lease, deliveries, pending, active set, exported bitmap. ARGV: token, lease ms, ttl,
+# batch id, take over (1/0), job id, then the batch's indices. -1: job gone; 0: every item has a result (a copy
+# of a finished batch: not a delivery); -2: another delivery holds the lease; n > 0: leased, and this is
+# delivery n.
 _CLAIM_BATCH = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 local done = true
 for i = 7, #ARGV do
-  if redis.call('HEXISTS', KEYS[2], ARGV[i]) == 0 then
+  if redis.call('HEXISTS', KEYS[2], ARGV[i]) == 0 and redis.call('GETBIT', KEYS[7], ARGV[i]) == 0 then
     done = false
     break
   end
@@ -149,6 +158,47 @@ return out
 """
 _ARGSREPR = re.compile(rb"\"argsrepr\": \"\['(\w+)', (\d+),")
 
+# KEYS: job hash, export lock, export cursor. ARGV: token, lease ms, directory, format, ttl. Takes the job's one
+# exporter lease and binds the export to one directory and format: the cursor counts parts in that directory.
+# {part}: taken, the next part to write; {-1}: job gone; {-2, ms}: another exporter holds it for ms more;
+# {-3, dir, format}: the export is bound to another directory or format.
+_TAKE_EXPORT = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {-1} end
+if not redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {-2, redis.call('PTTL', KEYS[2])} end
+local bound = redis.call('HMGET', KEYS[3], 'dir', 'format')
+if bound[1] and (bound[1] ~= ARGV[3] or bound[2] ~= ARGV[4]) then
+  redis.call('DEL', KEYS[2])
+  return {-3, bound[1], bound[2]}
+end
+redis.call('HSET', KEYS[3], 'dir', ARGV[3], 'format', ARGV[4])
+redis.call('HSETNX', KEYS[3], 'part', 0)
+redis.call('EXPIRE', KEYS[3], ARGV[5])
+return {tonumber(redis.call('HGET', KEYS[3], 'part'))}
+"""
+
+# KEYS: job hash, results, exported bitmap, export cursor, export lock. ARGV: token, part, ttl, then the part's
+# indices. Commits a part that is already on disk (renamed and fsynced): its results leave the hash, their bits
+# are set, and the cursor moves past it, all at once. {part + 1, moved}: committed; {-1}: job gone; {-2}: the
+# lease is not this exporter's; {-3, part}: the cursor is elsewhere (part + 1: this very commit went through,
+# a retry after a dropped reply).
+_COMMIT_EXPORT = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {-1} end
+if redis.call('GET', KEYS[5]) ~= ARGV[1] then return {-2} end
+local part = tonumber(redis.call('HGET', KEYS[4], 'part'))
+if part ~= tonumber(ARGV[2]) then return {-3, part} end
+local moved = 0
+for i = 4, #ARGV do
+  redis.call('HDEL', KEYS[2], ARGV[i])
+  if redis.call('SETBIT', KEYS[3], ARGV[i], 1) == 0 then moved = moved + 1 end
+end
+redis.call('HINCRBY', KEYS[1], 'exported', moved)
+redis.call('HSET', KEYS[4], 'part', part + 1)
+redis.call('HINCRBY', KEYS[4], 'records', #ARGV - 3)
+redis.call('EXPIRE', KEYS[3], ARGV[3])
+redis.call('EXPIRE', KEYS[4], ARGV[3])
+return {part + 1, moved}
+"""
+
 
 def argsrepr(job_id: str, batch_id: int, n: int) -> str:
     """The short argsrepr header of a classify message; the sweep finds queued batches by it."""
@@ -156,10 +206,12 @@ def argsrepr(job_id: str, batch_id: int, n: int) -> str:
 
 
 def result_record(index: int, url: str, *, topk: Sequence[tuple[str, float]] = (),
-                  model_version: str | None = None, error: ItemError | None = None) -> dict[str, Any]:
-    """The stable result contract (README, "The result record")."""
+                  model_version: str | None = None, error: ItemError | None = None,
+                  kept: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The stable result contract (README, "The result record"); ``kept``: the input row's kept columns
+    (`--keep`), appended as top-level fields (a name of the record's own is refused at submit)."""
     ok = error is None and len(topk) > 0
-    return {
+    record = {
         "index": index,
         "url": url,
         "label": topk[0][0] if ok else None,
@@ -168,6 +220,36 @@ def result_record(index: int, url: str, *, topk: Sequence[tuple[str, float]] = (
         "model_version": model_version,
         "error": error.to_dict() if error is not None else None,
     }
+    if kept:
+        record.update((k, v) for k, v in kept.items() if k not in record)
+    return record
+
+
+# The record's own fields: a kept column may not take one of these names.
+RECORD_FIELDS: tuple[str, ...] = tuple(result_record(0, ""))
+
+# A batch item's kept columns: column name -> JSON scalar.
+Kept = dict[str, Any]
+
+
+def item_rows(items: Sequence[tuple[int, str]], kept: Mapping[int, Kept] | None = None) -> list[list[Any]]:
+    """A batch as it travels, in the classify message and the pending payload: ``[index, url]`` an item, or
+    ``[index, url, {column: value}]`` for an item with kept columns. The columns ride with the batch, so Redis
+    holds them only while the batch is in flight."""
+    kept = kept or {}
+    return [[i, str(u), kept[i]] if i in kept else [i, str(u)] for i, u in items]
+
+
+def split_rows(rows: Iterable[Sequence[Any]]) -> tuple[list[tuple[int, str]], dict[int, Kept]]:
+    """:func:`item_rows` read back: the (index, URL) pairs and the kept columns by index."""
+    items: list[tuple[int, str]] = []
+    kept: dict[int, Kept] = {}
+    for row in rows:
+        index = int(row[0])
+        items.append((index, str(row[1])))
+        if len(row) > 2 and row[2]:
+            kept[index] = dict(row[2])
+    return items, kept
 
 
 @dataclass(frozen=True)
@@ -179,6 +261,7 @@ class JobStatus:
     submitted: bool
     dead_batches: int
     created: float
+    exported: int = 0  # of ``done``: results `imgq results --follow` moved out of Redis into part files
 
     @property
     def pending(self) -> int:
@@ -191,8 +274,9 @@ class JobStatus:
         return "done" if self.done >= self.total else "running"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"job_id": self.job_id, "total": self.total, "done": self.done, "failed": self.failed,
-                "pending": self.pending, "state": self.state, "dead_batches": self.dead_batches}
+        out: dict[str, Any] = {"job_id": self.job_id, "total": self.total, "done": self.done, "failed": self.failed,
+               "pending": self.pending, "state": self.state, "dead_batches": self.dead_batches}
+        return {**out, "exported": self.exported} if self.exported else out
 
 
 @dataclass(frozen=True)
@@ -205,8 +289,25 @@ class Claim:
     deliveries: int = 0
 
 
+@dataclass(frozen=True)
+class ExportLease:
+    """What an exporter found: ``taken`` (it is the job's exporter; ``part`` is the next part to write),
+    ``held`` (another exporter's lease has ``held_ms`` to run) or ``bound`` (the export already writes to
+    ``directory`` as ``fmt``)."""
+
+    state: Literal["taken", "held", "bound"]
+    part: int = 0
+    directory: str = ""
+    fmt: str = ""
+    held_ms: int = 0
+
+
 class JobNotFoundError(ImgqError):
     pass
+
+
+class ExportLeaseLost(ImgqError):
+    """Another exporter took the job over (this one stalled past its lease): this one must stop."""
 
 
 class RedisFullError(ImgqError):
@@ -236,6 +337,8 @@ class JobStore:
         self._pending = client.register_script(_PENDING_BATCHES)
         self._finish = client.register_script(_FINISH_SUBMISSION)
         self._queued = client.register_script(_QUEUED_BATCHES)
+        self._take_export = client.register_script(_TAKE_EXPORT)
+        self._commit_export = client.register_script(_COMMIT_EXPORT)
 
     @classmethod
     def from_url(cls, url: str, *, ttl_s: int, timeout_s: float | None = None) -> Self:
@@ -277,12 +380,15 @@ class JobStore:
         and kept payload) with a new batch. A submission gives each batch at least one URL, so its ids were
         all below ``total``."""
         first_batch = total if job_id else 0
+        job_id_given = job_id is not None
         job_id = job_id or uuid.uuid4().hex
         now = time.time()
         key = self._job(job_id)
         with self.r.pipeline() as p:
             fields: dict[str, str | int | float] = {"total": total, "batches": first_batch, "submitted": 0,
                                                     "failed": failed, "created": now, **(meta or {})}
+            if job_id_given:  # a recreated record counts what had already left for part files as done
+                fields["exported"] = int(self.r.bitcount(keys.exported(job_id)))
             p.hset(key, mapping=fields)  # type: ignore[arg-type]  # redis-py's Mapping is invariant
             p.expire(key, self.ttl_s)
             p.zadd(keys.JOBS_INDEX, {job_id: now})
@@ -298,7 +404,8 @@ class JobStore:
             p.execute()
 
     def reserve_batch(self, job_id: str, *, new_items: int, queue: str, message_bytes: int,
-                      items: Sequence[tuple[int, str]] | None = None) -> tuple[int, int]:
+                      items: Sequence[tuple[int, str]] | None = None,
+                      kept: Mapping[int, Kept] | None = None) -> tuple[int, int]:
         """Count one batch *before* its message is sent; returns (batch id, queue depth before the send).
 
         Counting first means ``total`` never under-counts (a result at an index >= total would end a job
@@ -306,9 +413,10 @@ class JobStore:
         :class:`RedisFullError` before the count, not after it. ``new_items`` is 0 when reconcile re-enqueues
         items already counted. The queue is the list kombu's Redis transport keeps under the queue's name.
         ``items``, the batch's (index, URL) pairs, are kept in Redis until the batch's results are written, so
-        the workers' sweep can send a batch the broker lost again (:mod:`worker.sweep`).
+        the workers' sweep can send a batch the broker lost again (:mod:`worker.sweep`), with their ``kept``
+        columns (:func:`item_rows`).
         """
-        payload = "" if items is None else json.dumps([[i, u] for i, u in items], separators=(",", ":"))
+        payload = "" if items is None else json.dumps(item_rows(items, kept), separators=(",", ":"))
         batch, second, third = self._reserve(
             keys=[self._job(job_id), queue, keys.pending(job_id), keys.ACTIVE_JOBS],
             args=[new_items, message_bytes + len(payload), payload, self.ttl_s, job_id])
@@ -337,9 +445,10 @@ class JobStore:
             meta, done, dead = p.execute()
         if b"total" not in meta:  # gone, or a fragment left by a write before writes checked for the job
             raise job_not_found(job_id)
-        return JobStatus(job_id=job_id, total=int(meta[b"total"]), done=int(done),
+        exported = int(meta.get(b"exported", 0))
+        return JobStatus(job_id=job_id, total=int(meta[b"total"]), done=int(done) + exported,
                          failed=int(meta.get(b"failed", 0)), submitted=meta.get(b"submitted") == b"1",
-                         dead_batches=int(dead), created=float(meta.get(b"created", 0)))
+                         dead_batches=int(dead), created=float(meta.get(b"created", 0)), exported=exported)
 
     def count_delivery(self, job_id: str, batch_id: int) -> int:
         """Count a delivery without a lease (tests: deliveries that died before this one)."""
@@ -357,7 +466,7 @@ class JobStore:
         job = self._job(job_id)
         n = int(self._claim(
             keys=[job, keys.results(job_id), self._lease(job_id, batch_id), keys.deliveries(job_id),
-                  keys.pending(job_id), keys.ACTIVE_JOBS],
+                  keys.pending(job_id), keys.ACTIVE_JOBS, keys.exported(job_id)],
             args=[token, lease_ms, self.ttl_s, batch_id, "1" if take_over else "0", job_id, *indices]))
         if n == -1:
             return Claim("lost")
@@ -391,22 +500,24 @@ class JobStore:
         for rec in records:
             argv += [rec["index"], json.dumps(rec, separators=(",", ":")), "1" if rec["error"] else "0"]
         touched = [keys.results(job_id), job, throughput.window_key(), keys.pending(job_id),
-                   self._lease(job_id, "" if batch_id is None else batch_id), keys.dead(job_id), keys.ACTIVE_JOBS]
+                   self._lease(job_id, "" if batch_id is None else batch_id), keys.dead(job_id), keys.ACTIVE_JOBS,
+                   keys.exported(job_id)]
         written = int(self._write(keys=touched, args=argv))
         if written < 0:
             raise job_not_found(job_id)
         return written
 
     def give_up_batch(self, job_id: str, batch_id: int, items: Sequence[tuple[int, str]], deliveries: int, *,
-                      token: str | None = None) -> int:
+                      token: str | None = None, kept: Mapping[int, Kept] | None = None) -> int:
         """A batch whose deliveries all stopped before finishing: its unfinished items end as worker_lost (and
         the batch goes to the dead-letter list)."""
         err = ItemError(ErrorCode.WORKER_LOST, f"batch {batch_id} was delivered {deliveries} times and never "
                         "finished: each time the worker on it stopped renewing its lease before writing results "
                         "(it died, hung or lost Redis); see `imgq status` dead batches")
         dead = {"batch": batch_id, "deliveries": deliveries, "indices": [i for i, _ in items]}
-        return self.write_results(job_id, [result_record(i, u, error=err) for i, u in items], batch_id=batch_id,
-                                  token=token, dead=dead)
+        kept = kept or {}
+        return self.write_results(job_id, [result_record(i, u, error=err, kept=kept.get(i)) for i, u in items],
+                                  batch_id=batch_id, token=token, dead=dead)
 
     def dead_batches(self, job_id: str) -> list[dict[str, Any]]:
         return [json.loads(raw) for raw in self.r.lrange(keys.dead(job_id), 0, -1)]
@@ -427,8 +538,13 @@ class JobStore:
         return None if ids is None else sorted(int(b) for b in ids)
 
     def pending_items(self, job_id: str, batch_id: int) -> list[tuple[int, str]] | None:
+        batch = self.pending_batch(job_id, batch_id)
+        return None if batch is None else batch[0]
+
+    def pending_batch(self, job_id: str, batch_id: int) -> tuple[list[tuple[int, str]], dict[int, Kept]] | None:
+        """A kept payload: its (index, URL) pairs and their kept columns (:func:`split_rows`)."""
         raw = self.r.hget(keys.pending(job_id), str(batch_id))
-        return None if raw is None else [(int(i), str(u)) for i, u in json.loads(raw)]
+        return None if raw is None else split_rows(json.loads(raw))
 
     def leased(self, job_id: str, batch_ids: Sequence[int]) -> set[int]:
         with self.r.pipeline(transaction=False) as p:
@@ -465,6 +581,69 @@ class JobStore:
             previous = p.execute()[0]
         return {(job, int(batch)) for job, batch in (raw.decode().split() for raw in previous)}
 
+    # The streamed export (producer/follow.py): one exporter a job, parts committed in order.
+
+    def take_export(self, job_id: str, token: str, *, lease_ms: int, directory: str, fmt: str) -> ExportLease:
+        """The job's exporter lease, bound to ``directory`` and ``fmt`` (see :class:`ExportLease`)."""
+        got = self._take_export(keys=[self._job(job_id), keys.export_lock(job_id), keys.export_cursor(job_id)],
+                                args=[token, lease_ms, directory, fmt, self.ttl_s])
+        code = int(got[0])
+        if code == -1:
+            raise job_not_found(job_id)
+        if code == -2:
+            return ExportLease("held", held_ms=int(got[1]))
+        if code == -3:
+            return ExportLease("bound", directory=got[1].decode(), fmt=got[2].decode())
+        return ExportLease("taken", part=code, directory=directory, fmt=fmt)
+
+    def renew_export(self, job_id: str, token: str, *, lease_ms: int) -> bool:
+        return bool(self._renew(keys=[keys.export_lock(job_id)], args=[token, lease_ms]))
+
+    def release_export(self, job_id: str, token: str) -> None:
+        self._release(keys=[keys.export_lock(job_id)], args=[token])
+
+    def results_in_redis(self, job_id: str) -> int:
+        """How many results wait in the results hash (not yet exported)."""
+        return int(self.r.hlen(keys.results(job_id)))
+
+    def take_results(self, job_id: str, limit: int, *, count: int = 1000) -> list[dict[str, Any]]:
+        """Up to ``limit`` results from the results hash, lowest indices of what one HSCAN pass found first;
+        they stay in Redis until :meth:`commit_export` (HSCAN may repeat a field: dedup by index)."""
+        found: dict[int, bytes] = {}
+        cursor = 0
+        while True:
+            cursor, fields = self.r.hscan(keys.results(job_id), cursor, count=count)
+            found.update((int(k), v) for k, v in fields.items())  # type: ignore[union-attr,misc]  # bytes
+            if cursor == 0 or len(found) >= limit:
+                break
+        return [json.loads(found[i]) for i in sorted(found)[:limit]]
+
+    def commit_export(self, job_id: str, token: str, part: int, indices: Sequence[int]) -> int:
+        """Part ``part`` (on disk, fsynced) holds ``indices``: drop their results from Redis, set their bits and
+        move the cursor past it, atomically. Returns the next part. Raises :class:`ExportLeaseLost` if another
+        exporter holds the job now (nothing changed), :class:`JobNotFoundError` if the job is gone."""
+        got = self._commit_export(
+            keys=[self._job(job_id), keys.results(job_id), keys.exported(job_id), keys.export_cursor(job_id),
+                  keys.export_lock(job_id)],
+            args=[token, part, self.ttl_s, *indices])
+        code = int(got[0])
+        if code == -1:
+            raise job_not_found(job_id)
+        if code == -2:
+            raise ExportLeaseLost(f"job {job_id}: this exporter's lease expired and another `imgq results --follow` "
+                                  f"took over before part {part} was committed; that one goes on")
+        if code == -3:
+            if int(got[1]) == part + 1:  # our own commit, retried after its reply was lost
+                return part + 1
+            raise ExportLeaseLost(f"job {job_id}: the export cursor is at part {int(got[1])}, not {part}: another "
+                                  "exporter moved it")
+        return code
+
+    def export_state(self, job_id: str) -> dict[str, str]:
+        """The export cursor: ``part`` (the next part), ``dir``, ``format``, ``records``; {} if never followed."""
+        raw: dict[bytes, bytes] = self.r.hgetall(keys.export_cursor(job_id))  # type: ignore[assignment]
+        return {k.decode(): v.decode() for k, v in raw.items()}
+
     def iter_results(self, job_id: str, total: int, chunk: int = 5000) -> Iterator[dict[str, Any] | None]:
         """Results in input order; None where an index has no result yet."""
         key = keys.results(job_id)
@@ -479,12 +658,37 @@ class JobStore:
         return [None if raw is None else json.loads(raw) for raw in raws]
 
     def unfinished(self, job_id: str, items: Sequence[tuple[int, str]]) -> list[tuple[int, str]]:
-        """The items that have no result yet (one round trip)."""
-        written = self.r.hmget(keys.results(job_id), [str(i) for i, _ in items])
-        return [item for item, raw in zip(items, written, strict=True) if raw is None]
+        """The items that have no result yet, in Redis or exported (one round trip)."""
+        done = self._done_at(job_id, [i for i, _ in items])
+        return [item for item, d in zip(items, done, strict=True) if not d]
 
-    def missing_indices(self, job_id: str, total: int, chunk: int = 5000) -> list[int]:
-        return [i for i, rec in enumerate(self.iter_results(job_id, total, chunk)) if rec is None]
+    def exported_at(self, job_id: str, indices: Sequence[int]) -> list[bool]:
+        """Whether each index's result has left Redis for a part file (`imgq results --follow`)."""
+        if not indices:
+            return []
+        ops = [arg for i in indices for arg in ("GET", "u1", i)]
+        bits = self.r.execute_command("BITFIELD", keys.exported(job_id), *ops)  # type: ignore[no-untyped-call]
+        return [bool(bit) for bit in bits]
+
+    def _done_at(self, job_id: str, indices: Sequence[int]) -> list[bool]:
+        """Whether each index has a result: in the results hash, or exported (one round trip)."""
+        if not indices:
+            return []
+        with self.r.pipeline(transaction=False) as p:
+            p.hmget(keys.results(job_id), [str(i) for i in indices])
+            p.execute_command("BITFIELD", keys.exported(job_id),  # type: ignore[no-untyped-call]
+                              *(a for i in indices for a in ("GET", "u1", i)))
+            raws, bits = p.execute()
+        return [raw is not None or bool(bit) for raw, bit in zip(raws, bits, strict=True)]
+
+    def missing_indices(self, job_id: str, total: int, chunk: int = 5000, *, start: int = 0) -> list[int]:
+        """The indices in [start, total) that have no result: what reconcile and `submit --resume` enqueue
+        (they ask a window at a time, so memory stays flat)."""
+        missing: list[int] = []
+        for lo in range(start, total, chunk):
+            window = range(lo, min(lo + chunk, total))
+            missing += [i for i, done in zip(window, self._done_at(job_id, window), strict=True) if not done]
+        return missing
 
     def recent_jobs(self, limit: int = 10) -> list[str]:
         return [raw.decode() for raw in self.r.zrevrange(keys.JOBS_INDEX, 0, limit - 1)]  # type: ignore[union-attr]

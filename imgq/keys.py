@@ -2,7 +2,10 @@
 
     imgq:jobs                        ZSET   job id -> created (unix s), for `imgq status` without a job
     imgq:job:<id>                    HASH   total, batches, submitted (0/1), created, failed, ...
-    imgq:job:<id>:results            HASH   index -> result record (JSON); first write wins
+    imgq:job:<id>:results            HASH   index -> result record (JSON); first write wins; emptied by --follow
+    imgq:job:<id>:exported           STRING bitmap: bit <index> set once its result is in a committed part file
+    imgq:job:<id>:export             HASH   the --follow cursor: part (next part number), dir, format
+    imgq:job:<id>:export:lock        STRING the token of the live --follow exporter; PX IMGQ_LEASE, renewed
     imgq:job:<id>:deliveries         HASH   batch id -> times a worker started it (a lease it took)
     imgq:job:<id>:dead               LIST   batches given up after too many deliveries (JSON)
     imgq:job:<id>:pending            HASH   batch id -> its (index, URL) pairs (JSON), until its results are written
@@ -45,6 +48,18 @@ def job(job_id: str) -> str:
 
 def results(job_id: str) -> str:
     return f"{job(job_id)}:results"
+
+
+def exported(job_id: str) -> str:
+    return f"{job(job_id)}:exported"
+
+
+def export_cursor(job_id: str) -> str:
+    return f"{job(job_id)}:export"
+
+
+def export_lock(job_id: str) -> str:
+    return f"{export_cursor(job_id)}:lock"
 
 
 def deliveries(job_id: str) -> str:

@@ -1,8 +1,13 @@
 """Submitting a job: record it in Redis and enqueue its URLs in batches, streaming the input.
 
-A line of the URL file that was not valid UTF-8 (:class:`producer.sources.UndecodableLine`) is answered here, at
-submit time, with an ``invalid_url`` result naming the line: it counts in the job like any item, and is never
-sent to a worker (its replacement characters would make it a different URL).
+An item with nothing to fetch (:class:`producer.sources.Unfetchable`: a line of a URL file that was not valid
+UTF-8, a table row whose URL cell is empty) is answered here, at submit time, with an ``invalid_url`` result
+naming the line or row: it counts in the job like any item, and is never sent to a worker (replacement
+characters would make it a different URL).
+
+A table's kept columns (:class:`producer.sources.TableUrl`) travel in the batch's message and in its pending
+payload (``[index, url, {column: value}]``, :func:`imgq.jobs.item_rows`), and the worker merges them into
+each record: Redis holds them only while their batch is in flight.
 
 Each batch is counted in the job record just before its message is sent, and only if Redis has room for
 the message (``JobStore.reserve_batch``). So when Redis is full (maxmemory with ``noeviction``) or refuses
@@ -24,9 +29,9 @@ from kombu.exceptions import KombuError
 
 from imgq.celery_app import CLASSIFY_TASK
 from imgq.errors import ErrorCode, ImgqError, ItemError
-from imgq.jobs import JobStore, RedisFullError, result_record
+from imgq.jobs import JobStore, Kept, RedisFullError, item_rows, result_record
 from imgq.settings import Settings
-from producer.sources import UndecodableLine
+from producer.sources import Unfetchable, kept_of
 
 log = logging.getLogger(__name__)
 
@@ -83,20 +88,23 @@ def enqueue_batches(job_id: str, batches: Iterable[Batch], *, counted: int, sett
     items = sent = refused = 0
     try:
         depth = store.queue_depth(queue)
+        paused = False  # said once per submission: a big job fills the queue again every few batches
         with app.producer_or_acquire() as producer:
             for batch in batches:
                 if depth >= settings.max_queue_depth:
-                    depth = _wait_for_room(store, settings)
+                    depth = _wait_for_room(store, settings, say=not paused)
+                    paused = True
                 refused = 0
+                kept: dict[int, Kept] = {i: k for i, url in batch if (k := kept_of(url))}
                 batch_id, depth = store.reserve_batch(job_id, new_items=sum(i >= counted for i, _ in batch),
-                                                      queue=queue, message_bytes=_message_bytes(batch),
-                                                      items=batch)
+                                                      queue=queue, message_bytes=_message_bytes(batch, kept),
+                                                      items=batch, kept=kept)
                 refused = len(batch)  # counted, not yet sent
-                send = _answer_undecodable(job_id, batch, store)
+                send = _answer_unfetchable(job_id, batch, store)
                 refused = len(send)
                 if send:
                     # argsrepr given: Celery would otherwise saferepr() all the URLs into a header, ~20% of a send.
-                    app.send_task(CLASSIFY_TASK, args=[job_id, batch_id, list(send)], queue=queue,
+                    app.send_task(CLASSIFY_TASK, args=[job_id, batch_id, item_rows(send, kept)], queue=queue,
                                   producer=producer, argsrepr=f"[{job_id!r}, {batch_id}, <{len(send)} URLs>]")
                     depth += 1
                 refused = 0
@@ -111,30 +119,33 @@ def enqueue_batches(job_id: str, batches: Iterable[Batch], *, counted: int, sett
     return items, sent
 
 
-def _answer_undecodable(job_id: str, batch: Batch, store: JobStore) -> Batch:
-    """Write the ``invalid_url`` result of each line that was not valid UTF-8 (never fetched: its text is not
-    what the file said); returns the rest of the batch, to be sent."""
-    bad = [(i, url) for i, url in batch if isinstance(url, UndecodableLine)]
+def _answer_unfetchable(job_id: str, batch: Batch, store: JobStore) -> Batch:
+    """Write the ``invalid_url`` result of each item with nothing to fetch (a line that was not valid UTF-8: its
+    text is not what the file said; a row with no URL), kept columns included; returns the rest of the batch,
+    to be sent."""
+    bad = [(i, url) for i, url in batch if isinstance(url, Unfetchable)]
     if not bad:
         return batch
-    store.write_results(job_id, [result_record(i, str(url), error=ItemError(ErrorCode.INVALID_URL, url.reason))
-                                 for i, url in bad if isinstance(url, UndecodableLine)])
-    return [(i, url) for i, url in batch if not isinstance(url, UndecodableLine)]
+    store.write_results(job_id, [result_record(i, str(url), error=ItemError(ErrorCode.INVALID_URL, url.reason),
+                                               kept=url.kept)
+                                 for i, url in bad if isinstance(url, Unfetchable)])
+    return [(i, url) for i, url in batch if not isinstance(url, Unfetchable)]
 
 
-def _message_bytes(batch: Batch) -> int:
+def _message_bytes(batch: Batch, kept: dict[int, Kept]) -> int:
     # kombu base64-encodes the body (x4/3) in a ~2 KB envelope; Redis reads the command into a query buffer
     # that may grow by doubling (x2) before it compares used memory with maxmemory.
-    return 2 * (len(json.dumps(batch)) * 4 // 3 + 2048)
+    return 2 * (len(json.dumps(item_rows(batch, kept))) * 4 // 3 + 2048)
 
 
-def _wait_for_room(store: JobStore, settings: Settings) -> int:
+def _wait_for_room(store: JobStore, settings: Settings, *, say: bool = True) -> int:
     """Backpressure: pause while the queue holds IMGQ_MAX_QUEUE_DEPTH batches or more, so one producer never
-    makes it deeper than that. Returns the depth once there is room."""
-    warned = False
+    makes it deeper than that. Returns the depth once there is room. ``say``: log that it waits (the first
+    pause of a submission only)."""
+    warned = not say
     while (depth := store.queue_depth(settings.classify_queue)) >= settings.max_queue_depth:
         if not warned:
-            log.warning("queue %s holds %d batches (IMGQ_MAX_QUEUE_DEPTH=%d); waiting for workers",
+            log.warning("queue %s holds %d batches (IMGQ_MAX_QUEUE_DEPTH=%d); waiting for workers (said once)",
                         settings.classify_queue, depth, settings.max_queue_depth)
             warned = True
         time.sleep(0.5)

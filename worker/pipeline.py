@@ -13,14 +13,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import redis
 import torch
 
 from imgq.errors import ErrorCode, ItemError
-from imgq.jobs import JobNotFoundError, JobStore, result_record
+from imgq.jobs import JobNotFoundError, JobStore, Kept, result_record
 from worker import metrics
 from worker.lease import Lease, claim, keeper, wait_bound_s
 from worker.serving import Serving
@@ -35,8 +35,9 @@ _lost_lock = threading.Lock()
 
 
 def classify_batch(engine: Serving, store: JobStore, job_id: str, batch_id: int,
-                   items: Sequence[tuple[int, str]]) -> int:
-    """Returns how many results this call wrote (0 for a copy of a batch that was already done)."""
+                   items: Sequence[tuple[int, str]], *, kept: Mapping[int, Kept] | None = None) -> int:
+    """Returns how many results this call wrote (0 for a copy of a batch that was already done). ``kept``: the
+    input's kept columns by index, merged into each item's record, an error's too."""
     settings = engine.settings
     lease = Lease(job_id, batch_id)
     got = claim(store, lease, [i for i, _ in items], lease_s=settings.lease_s,
@@ -49,7 +50,7 @@ def classify_batch(engine: Serving, store: JobStore, job_id: str, batch_id: int,
     keeper().hold(store, lease, settings.lease_s)
     written: int | None = None
     try:
-        written = _run_claimed(engine, store, lease, items, got.deliveries)
+        written = _run_claimed(engine, store, lease, items, got.deliveries, kept or {})
         return written
     except JobNotFoundError:
         _warn_lost(job_id, batch_id)
@@ -61,13 +62,13 @@ def classify_batch(engine: Serving, store: JobStore, job_id: str, batch_id: int,
 
 
 def _run_claimed(engine: Serving, store: JobStore, lease: Lease, items: Sequence[tuple[int, str]],
-                 deliveries: int) -> int:
+                 deliveries: int, kept: Mapping[int, Kept]) -> int:
     settings = engine.settings
     job_id, batch_id = lease.job_id, lease.batch_id
     if deliveries > settings.max_deliveries:
         log.error("job %s batch %d: delivery %d > %d, giving up", job_id, batch_id, deliveries,
                   settings.max_deliveries)
-        given_up = store.give_up_batch(job_id, batch_id, items, deliveries - 1, token=lease.token)
+        given_up = store.give_up_batch(job_id, batch_id, items, deliveries - 1, token=lease.token, kept=kept)
         metrics.count_errors(ErrorCode.WORKER_LOST, given_up)
         return given_up
 
@@ -93,9 +94,10 @@ def _run_claimed(engine: Serving, store: JobStore, lease: Lease, items: Sequence
         records: list[dict[str, Any]] = []
         for (index, url), item in zip(todo, prepared, strict=True):
             if isinstance(item, ItemError):
-                records.append(result_record(index, url, model_version=version, error=item))
+                records.append(result_record(index, url, model_version=version, error=item, kept=kept.get(index)))
             else:
-                records.append(result_record(index, url, topk=next(predictions), model_version=version))
+                records.append(result_record(index, url, topk=next(predictions), model_version=version,
+                                             kept=kept.get(index)))
         stage = "writing the results"
         with metrics.stage("write"):
             written = store.write_results(job_id, records, batch_id=batch_id, token=lease.token)
@@ -105,7 +107,8 @@ def _run_claimed(engine: Serving, store: JobStore, lease: Lease, items: Sequence
         log.exception("job %s batch %d: %s failed; its unwritten items end as internal", job_id, batch_id, stage)
         text = f"{type(exc).__name__}: {exc}"[:_MESSAGE_MAX]
         internal = ItemError(ErrorCode.INTERNAL, f"the batch failed in {stage}: {text}")
-        records = [result_record(index, url, model_version=version, error=known.get(index, internal))
+        records = [result_record(index, url, model_version=version, error=known.get(index, internal),
+                                 kept=kept.get(index))
                    for index, url in store.unfinished(job_id, items)]
         written = store.write_results(job_id, records, batch_id=batch_id, token=lease.token)
     metrics.count_results(records)

@@ -21,7 +21,7 @@ import redis
 from celery import Celery
 from kombu.exceptions import KombuError
 
-from imgq.jobs import JobStore, argsrepr
+from imgq.jobs import JobStore, argsrepr, item_rows
 from imgq.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -75,10 +75,11 @@ class Sweeper:
         before = self.store.swap_sweep_suspects(nowhere, ttl_ms=3 * interval_ms)
         resent: list[tuple[str, int]] = []
         for job_id, batch_id in sorted(nowhere & before):
-            items = self.store.pending_items(job_id, batch_id)
-            if items is None:  # its results were written meanwhile
+            batch = self.store.pending_batch(job_id, batch_id)
+            if batch is None:  # its results were written meanwhile
                 continue
-            self.app.send_task(self.task, args=[job_id, batch_id, [list(item) for item in items]],
+            items, kept = batch
+            self.app.send_task(self.task, args=[job_id, batch_id, item_rows(items, kept)],
                                queue=self.settings.classify_queue, argsrepr=argsrepr(job_id, batch_id, len(items)))
             log.warning("job %s batch %d: not queued, not unacknowledged and not leased in two sweeps %g s apart "
                         "(lost between the broker's pop and its unacked record?): sent again (%d URLs)",

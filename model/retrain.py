@@ -47,8 +47,6 @@ LoadData = Callable[[str, Settings], LabeledImages]
 
 LOCK_KEY = keys.RETRAIN_LOCK
 LAST_RUN_KEY = keys.RETRAIN_LAST_RUN
-# Celery's hard bound of one run (longer than any sane retrain). The lock never waits this long: it is a lease.
-RUN_TIME_LIMIT_S = 6 * 3600
 EVENTS_TTL_S = 7 * 24 * 3600
 FINAL_EVENTS = ("done", "skipped", "failed")
 DIED = "died"  # the final marker of a run declared dead (its event is a `failed`)

@@ -41,6 +41,8 @@ TEST_ENV = {
     "IMGQ_BATCH_SIZE": "16",
     # No fixed metrics port: parallel workers (and CI runs) would race for it. Tests that scrape pick one.
     "IMGQ_METRICS_PORT": "0",
+    # A test that does open a metrics port keeps it on loopback (the default is every interface).
+    "IMGQ_METRICS_ADDR": "127.0.0.1",
 }
 
 

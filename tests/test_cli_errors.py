@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from imgq import keys
 from imgq.errors import ExitCode
 from imgq.redis_server import RedisServer, free_port
 from tests.httpserver import HTTPTestServer, trickle
-from tests.support import TEST_ENV, ImageSite, read_jsonl
+from tests.support import TEST_ENV, Cluster, ImageSite, read_jsonl, wait_until
 
 JOB = "ab" * 16  # a well-formed job id no Redis knows
 
@@ -237,8 +238,11 @@ def test_version() -> None:
 # -- client commands never import torch ---------------------------------------------------------------------
 
 def test_client_commands_never_import_torch(redis_env: dict[str, str], done_job: tuple[str, Path],
-                                            tmp_path: Path) -> None:
+                                            tmp_path: Path, cluster: Cluster, image_site: ImageSite) -> None:
     job, url_file = done_job
+    # A job with labelled images, so `imgq report` fetches and decodes thumbnails (the session worker's Redis).
+    labelled = cluster.submit(list(image_site.truth)[:4])
+    assert cluster.wait(labelled).failed == 0
     site = tmp_path / "site"
     site.mkdir()
     log = tmp_path / "torch-imports.log"
@@ -256,10 +260,32 @@ def test_client_commands_never_import_torch(redis_env: dict[str, str], done_job:
            "PYTHONPATH": f"{site}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     for args in (["submit", str(url_file)], ["submit", str(url_file), "--wait", "-o", str(tmp_path / "r.jsonl")],
                  ["status"], ["status", "--json"], ["status", job], ["results", job], ["results", job, "--summary"],
-                 ["reconcile", job, str(url_file)], ["report", job, "-o", str(tmp_path / "r.html")]):
+                 ["reconcile", job, str(url_file)], ["report", job, "-o", str(tmp_path / "r.html")],
+                 ["report", labelled, "-o", str(tmp_path / "thumbs.html")]):
         proc = imgq(*args, env=env)
         assert proc.returncode == 0, (args, proc.stderr)
+    assert (tmp_path / "thumbs.html").read_text().count('src="data:image/jpeg;base64,') == 4
+    # Flower loads the worker's Celery app and imports its tasks module (the app's include).
+    flower_port = free_port()
+    flower = subprocess.Popen([sys.executable, "-m", "celery", "-A", "worker.app", "flower", "--address=127.0.0.1",
+                               f"--port={flower_port}"], env={**os.environ, **TEST_ENV, **env},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: _answers(f"http://127.0.0.1:{flower_port}/healthcheck") or flower.poll() is not None,
+                   120, "Flower to answer", poll_s=0.2)
+        assert flower.poll() is None, f"flower exited {flower.returncode}"
+    finally:
+        flower.terminate()
+        flower.wait(60)
     assert not log.exists(), log.read_text()
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return bool(response.status == 200)
+    except OSError:  # not listening yet (URLError and connection errors are OSErrors)
+        return False
 
 
 # -- long waits: retrain without a trainer, a worker on a queue nobody sends to --------------------------------

@@ -1,18 +1,38 @@
-"""A real `imgq worker` process's Prometheus endpoint, scraped while and after a job runs."""
+"""A real `imgq worker` process's Prometheus endpoint, scraped while and after a job runs; the Redis-backed
+queue metrics on a real backlog and a Redis that never answers; reload failures and retrain outcomes."""
 
 from __future__ import annotations
 
+import json
+import shutil
 import socket
+import threading
 import time
 import urllib.request
 from collections import Counter
 from pathlib import Path
 
+import pytest
+import torch
+from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from imgq.redis_server import free_port
+from cli.lifecycle import trigger_retrain
+from imgq.errors import SettingsError
+from imgq.jobs import JobStore
+from imgq.redis_server import RedisServer, free_port
+from imgq.settings import Settings
+from model.champion import Champion
+from model.checkpoint import WEIGHTS_FILE
 from model.pointer import champion_version
-from tests.support import Cluster, ImageSite, closed_port_url
+from model.registry import version_dir
+from model.retrain import RetrainRequest
+from tests.support import Cluster, ImageSite, closed_port_url, wait_until
+from worker import metrics
+from worker.model_watch import ModelWatcher
+
+# Tests listen on loopback only (the product's default is all interfaces).
+LOOPBACK = {"IMGQ_METRICS_ADDR": "127.0.0.1"}
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -29,7 +49,7 @@ def value(samples: Samples, name: str, **labels: str) -> float:
 
 def test_metrics_match_the_job(private_cluster: Cluster, image_site: ImageSite, model_dir: Path) -> None:
     port = free_port()
-    private_cluster.start_worker("metered@%h", IMGQ_METRICS_PORT=str(port))
+    worker = private_cluster.start_worker("metered@%h", IMGQ_METRICS_PORT=str(port), **LOOPBACK)
     private_cluster.wait_ready()
     good = list(image_site.truth)[:40]
     bad = [image_site.url("no/such.jpg"), image_site.url("bad/page.jpg"), image_site.url("bad/truncated.jpg"),
@@ -65,3 +85,106 @@ def test_metrics_match_the_job(private_cluster: Cluster, image_site: ImageSite, 
     assert value(m, "imgq_model_info", device="cpu", version=str(version)) == 1
     (worker_labels,) = [dict(labels) for name, labels in m if name == "imgq_worker_info"]
     assert worker_labels["node"] == f"metered@{socket.gethostname()}"
+    # The operator's metrics: every item's enqueue-to-result latency, nothing in flight, the queue drained.
+    assert value(m, "imgq_item_latency_seconds_count") == len(urls)
+    assert value(m, "imgq_item_latency_seconds_sum") > 0
+    assert value(m, "imgq_batches_in_flight") == 0
+    assert value(m, "imgq_worker_ready") == 1
+    assert value(m, "imgq_redis_up") == 1
+    assert value(m, "imgq_queue_depth", queue="imgq.classify") == 0
+    assert value(m, "imgq_queue_oldest_age_seconds", queue="imgq.classify") == 0
+    assert value(m, "imgq_champion_info", version=str(version)) == 1
+    assert value(m, "imgq_model_load_failures_total") == 0
+    assert f"metrics on http://127.0.0.1:{port}/metrics" in worker.log_tail(400)
+
+
+def test_queue_metrics_read_the_backlog_from_redis(private_cluster: Cluster, image_site: ImageSite) -> None:
+    """No worker consumes: the submitted batches wait in Redis, and a scrape sees them and their age."""
+    submitted_after = time.time()
+    private_cluster.submit(list(image_site.truth)[:40])  # 3 batches of at most 16 (TEST_ENV)
+    settings = private_cluster.settings
+    collector = metrics.RedisCollector(private_cluster.store.r, [settings.classify_queue, settings.train_queue])
+    m = samples_of(collector)
+    age = value(m, "imgq_queue_oldest_age_seconds", queue=settings.classify_queue)
+    assert value(m, "imgq_queue_depth", queue=settings.classify_queue) == 3
+    assert 0 < age <= time.time() - submitted_after  # the oldest stamp is the first message's, after our clock read
+    assert value(m, "imgq_queue_depth", queue=settings.train_queue) == 0
+    assert value(m, "imgq_redis_up") == 1
+    assert not [name for name, _ in m if name == "imgq_champion_info"]  # no worker has seeded the pointer
+
+
+def test_a_scrape_never_hangs_on_a_redis_that_does_not_answer() -> None:
+    with socket.socket() as silent:  # accepts connections (the kernel does) and never says a word
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        port = silent.getsockname()[1]
+        client = JobStore.from_url(f"redis://127.0.0.1:{port}/0", ttl_s=60, timeout_s=0.5).r
+        registry = CollectorRegistry()
+        registry.register(metrics.RedisCollector(client, ["imgq.classify"]))
+        out: list[bytes] = []
+        scrape_thread = threading.Thread(target=lambda: out.append(generate_latest(registry)), daemon=True)
+        scrape_thread.start()
+        scrape_thread.join(timeout=120)  # a bound on a hang, not a speed check: the client gives up in ~0.5 s
+        client.close()
+    assert not scrape_thread.is_alive(), "the scrape hung on a silent Redis"
+    families = {f.name: f for f in text_string_to_metric_families(out[0].decode())}
+    assert [s.value for s in families["imgq_redis_up"].samples] == [0]
+    assert "imgq_queue_depth" not in families
+
+
+def test_a_refused_champion_counts_one_load_failure(model_dir: Path, tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    shutil.copytree(model_dir, models)
+    good = champion_version(models)
+    assert good is not None
+    bad = good[:-8] + "0badf00d"
+    shutil.copytree(version_dir(models, good), version_dir(models, bad))
+    meta = json.loads((version_dir(models, bad) / "meta.json").read_text())
+    meta["version"] = bad
+    (version_dir(models, bad) / "meta.json").write_text(json.dumps(meta))
+    weights = version_dir(models, bad) / WEIGHTS_FILE
+    weights.write_bytes(weights.read_bytes()[:1000])  # truncated
+    with RedisServer() as server:
+        store = JobStore.from_url(server.url, ttl_s=60)
+        champion = Champion(models, store.r)
+        watcher = ModelWatcher(champion, torch.device("cpu"), check_every_s=0)
+        before = REGISTRY.get_sample_value("imgq_model_load_failures_total") or 0.0
+        champion.set(bad)
+        assert watcher.current().version == good  # refused: the old model keeps serving
+        assert watcher.current().version == good  # and not tried again, so not counted again
+        store.r.close()
+    assert bad in watcher.refused
+    assert REGISTRY.get_sample_value("imgq_model_load_failures_total") == before + 1
+
+
+def test_a_failed_retrain_is_counted_by_the_trainer(private_cluster: Cluster, tmp_path: Path) -> None:
+    port = free_port()
+    settings = private_cluster.settings
+    private_cluster.start_worker("trainer@%h", queues=settings.train_queue, IMGQ_METRICS_PORT=str(port), **LOOPBACK)
+    private_cluster.wait_ready()
+    trigger_retrain(private_cluster.app, settings, RetrainRequest(source=str(tmp_path / "no-such-data")))
+    wait_until(lambda: value(scrape(port), "imgq_retrains_total", outcome="failed") == 1, 300,
+               lambda: f"the failed retrain counted:\n{private_cluster.workers[0].log_tail()}", poll_s=0.5)
+    m = scrape(port)
+    assert [value(m, "imgq_retrains_total", outcome=o) for o in metrics.RETRAIN_OUTCOMES] == [0, 0, 1, 0]
+    assert value(m, "imgq_worker_ready") == 1  # a trainer is ready without a model: it serves no classify queue
+
+
+def test_retrain_outcomes_are_named_from_the_final_event() -> None:
+    assert metrics.count_retrain({"event": "done", "promoted": True}) == "promoted"
+    assert metrics.count_retrain({"event": "done", "promoted": False}) == "rejected"
+    assert metrics.count_retrain({"event": "failed", "reason": "x"}) == "failed"
+    assert metrics.count_retrain({"event": "skipped", "reason": "x"}) == "skipped"
+
+
+def test_the_metrics_address_is_an_ip_address() -> None:
+    assert Settings.from_env({}).metrics_addr == "0.0.0.0"  # all interfaces: the exporters' convention
+    assert metrics.metrics_url(Settings.from_env({"IMGQ_METRICS_ADDR": "::1"}).metrics_addr, 9108) == \
+        "http://[::1]:9108/metrics"
+    with pytest.raises(SettingsError, match=r"^IMGQ_METRICS_ADDR='metrics\.example': must be an IP address"):
+        Settings.from_env({"IMGQ_METRICS_ADDR": "metrics.example"})
+
+
+def samples_of(collector: metrics.RedisCollector) -> Samples:
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in collector.collect() for s in family.samples}

@@ -92,7 +92,7 @@ def _refuse_without_model(sender: Any = None, **_: Any) -> None:
 
 @signals.worker_init.connect
 def _serve_metrics(sender: Any = None, **_: Any) -> None:
-    metrics.start_server(app_settings().metrics_port, node=str(getattr(sender, "hostname", "")))
+    metrics.start_server(app_settings(), node=str(getattr(sender, "hostname", "")))
 
 
 @signals.worker_init.connect
@@ -131,6 +131,9 @@ def _say_serving(sender: Any = None, **_: Any) -> None:
     # The engine was built before Celery set up its logging: say once, in the worker's log, what it serves.
     if _serving:
         log.info("serving model %s on %s", *_serving)
+    if metrics.address():
+        log.info("metrics on %s", metrics.address())
+    metrics.set_ready(True)
 
 
 def _why(exc: BaseException) -> str:
@@ -162,6 +165,7 @@ _stop_requested = threading.Event()
 @signals.worker_shutting_down.connect
 def _record_stop_request(**_: Any) -> None:
     _stop_requested.set()
+    metrics.set_ready(False)
 
 
 def stop_was_requested() -> bool:

@@ -27,14 +27,18 @@ from __future__ import annotations
 import io
 import struct
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import torch
 from PIL import Image
 
 from imgq.errors import ErrorCode, ItemError
 from imgq.settings import Settings
-from model.classifier import Classifier
-from model.preprocess import to_rgb
+from model.rgb import to_rgb
+
+if TYPE_CHECKING:  # torch is the model's: `imgq report` decodes thumbnails here without loading it
+    import torch
+
+    from model.classifier import Classifier
 
 # For callers that do not pass the setting (the report's thumbnails, training manifests): its default.
 DEFAULT_MAX_JPEG_SCANS: int = Settings.max_jpeg_scans

@@ -20,6 +20,7 @@ from model.checkpoint import load_checkpoint
 from model.classifier import Classifier
 from model.pointer import TRAIN_HINT
 from model.registry import version_dir
+from worker import metrics
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ class ModelWatcher:
             model = load_checkpoint(version_dir(self.champion.model_dir, version), self.device)
         except (ImgqError, OSError) as exc:
             self.refused[version] = str(exc)
+            metrics.count_model_load_failure()
             log.error("refused model %s: %s; still serving %s", version, exc, self._model.version)
             return
         log.info("hot reload: %s -> %s", self._model.version, version)

@@ -1,6 +1,10 @@
 """Celery tasks: thin wrappers that unpack the message and call plain functions.
 
 A classify worker also runs the lost-batch sweep (:mod:`worker.sweep`) in a daemon thread.
+
+Flower loads this module too (it is the app's ``include``): what needs torch (the pipeline, serving,
+retraining) is imported in the task bodies, by the worker that runs them, so `celery -A worker.app flower`
+never loads torch (tests/test_cli_errors.py checks).
 """
 
 from __future__ import annotations
@@ -12,14 +16,14 @@ import redis
 from celery import Task, signals
 from celery.exceptions import Reject
 
-from imgq.jobs import JobStore
+from imgq.jobs import JobStore, split_rows
 from imgq.settings import TRAIN_DEFAULTS
-from model.retrain import RUN_TIME_LIMIT_S, RetrainRequest, run_retrain
+from worker import metrics
 from worker.app import CLASSIFY_TASK, RETRAIN_TASK, _serves_classify, app, app_settings
-from worker.manifest import load_training_data
-from worker.pipeline import classify_batch
-from worker.serving import get_serving
 from worker.sweep import Sweeper
+
+# The bound of one retrain run (6 h), here rather than in model.retrain, which loads torch.
+RETRAIN_TIME_LIMIT_S = 6 * 3600
 
 
 @cache
@@ -30,9 +34,15 @@ def _store() -> JobStore:
 
 @app.task(name=CLASSIFY_TASK)
 def classify(job_id: str, batch_id: int, items: list[list[object]]) -> int:
-    pairs = [(int(str(index)), str(url)) for index, url in items]
+    from worker.pipeline import classify_batch
+    from worker.serving import get_serving
+
+    pairs, kept = split_rows(items)  # [index, url] or [index, url, {kept columns}] (imgq.jobs.item_rows)
     try:
-        return classify_batch(get_serving(app_settings()), _store(), job_id, batch_id, pairs)
+        with metrics.batch_in_flight():
+            written = classify_batch(get_serving(app_settings()), _store(), job_id, batch_id, pairs, kept=kept)
+        metrics.observe_item_latency(classify.request, written)
+        return written
     except redis.RedisError as exc:
         # Results could not be written (Redis full, or gone): put the batch back rather than ack it
         # unwritten. The delivery counter still bounds how often it comes back.
@@ -63,11 +73,16 @@ def _redis() -> redis.Redis:
 # Acked on receipt, not late: a retrain can outlast the visibility timeout, and a redelivered copy would
 # train twice. A trainer that dies loses the run; its lease on the retrain lock lapses within IMGQ_LEASE,
 # and the next trigger (or beat) starts a new one. The time limit only bounds a live run.
-@app.task(name=RETRAIN_TASK, bind=True, acks_late=False, time_limit=RUN_TIME_LIMIT_S)
+@app.task(name=RETRAIN_TASK, bind=True, acks_late=False, time_limit=RETRAIN_TIME_LIMIT_S)
 def retrain(self: Task, source: str = TRAIN_DEFAULTS.source, arch: str = TRAIN_DEFAULTS.arch, epochs: int | None = None,
             init: str | None = None, seed: int = 0, input_size: int | None = TRAIN_DEFAULTS.input_size,
             augment: str = TRAIN_DEFAULTS.augment,
             trigger: str = "manual") -> dict[str, Any]:
+    from model.retrain import RetrainRequest, run_retrain
+    from worker.manifest import load_training_data
+
     request = RetrainRequest(source=source, arch=arch, epochs=epochs, init=init, seed=seed, input_size=input_size,
                              augment=augment, trigger=trigger)
-    return run_retrain(app_settings(), _redis(), str(self.request.id), request, load_data=load_training_data)
+    outcome = run_retrain(app_settings(), _redis(), str(self.request.id), request, load_data=load_training_data)
+    metrics.count_retrain(outcome)
+    return outcome

@@ -1,4 +1,5 @@
-"""Model lifecycle from the command line: retrain (remote or local), follow progress, list, promote, roll back."""
+"""Model lifecycle from the command line: retrain (remote or local), follow progress, add a user's network,
+list, promote, roll back."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, TextIO
 
 import redis
@@ -18,7 +20,12 @@ from imgq.celery_app import RETRAIN_TASK
 from imgq.errors import ImgqError
 from imgq.settings import Settings, redacted_url
 from model.champion import Champion, connect_optional
-from model.registry import list_versions
+from model.checkpoint import ArtifactError, load_checkpoint
+from model.classifier import Classifier
+from model.data import load_imagefolder
+from model.meta import Triple
+from model.promotion import decide, measure
+from model.registry import import_archive, list_versions, version_dir
 from model.retrain import EventLog, RetrainRequest, events_key, train_and_gate
 from model.train import EpochStats
 from worker.manifest import load_training_data
@@ -128,7 +135,7 @@ def train_locally(settings: Settings, request: RetrainRequest, out: TextIO = sys
 def list_models(settings: Settings) -> list[dict[str, Any]]:
     with _champion(settings) as pointer:
         champion = pointer.get()
-    return [{"version": m.version, "arch": m.config.arch, "classes": list(m.classes),
+    return [{"version": m.version, "arch": m.arch, "classes": list(m.classes),
              "val_accuracy": m.metrics.get("val_accuracy"), "created_at": m.created_at,
              "champion": m.version == champion} for m in list_versions(settings.model_dir)]
 
@@ -152,3 +159,65 @@ def promote(settings: Settings, version: str) -> None:
 def rollback(settings: Settings) -> str:
     with _champion(settings) as champion:
         return champion.rollback()
+
+
+@dataclasses.dataclass(frozen=True)
+class AddOutcome:
+    version: str
+    promoted: bool
+    reason: str
+    accuracy: float | None  # on --data, when given
+
+
+def add_model(settings: Settings, path: Path, *, classes: tuple[str, ...], input_size: int, mean: Triple,
+              std: Triple, promote: bool, data: Path | None) -> AddOutcome:
+    """`imgq models add`: register a TorchScript or torch.export archive as a version; promote it when asked.
+
+    With ``data`` (an ImageFolder of labelled images) its accuracy there is recorded, and ``promote`` goes
+    through the same gate as a trained model: the champion is re-measured on the same images and the new
+    version wins only if it is at least as good (``IMGQ_PROMOTE_TOLERANCE``), by compare-and-set. Without
+    ``data`` there is nothing to gate on, so ``promote`` is the hand override `imgq models promote` is, and
+    the outcome says so.
+    """
+    folder = load_imagefolder(data) if data is not None else None
+    if folder is not None and set(folder.classes) != set(classes):
+        raise ImgqError(f"{data}: its classes ({', '.join(folder.classes)}) differ from --classes "
+                        f"({', '.join(classes)}); name the model's classes, in its output order")
+    accuracy: float | None = None
+
+    def assess(candidate: Classifier) -> dict[str, Any]:
+        nonlocal accuracy
+        if folder is None:
+            return {}
+        accuracy = measure(candidate, folder.items, folder.classes)
+        return {"val_accuracy": accuracy, "val_data": str(data), "val_images": len(folder.items)}
+
+    version = import_archive(settings.model_dir, path, classes=classes, input_size=input_size, mean=mean, std=std,
+                             assess=assess)
+    if not promote:
+        return AddOutcome(version, False, f"registered as a candidate; promote it with `imgq models promote "
+                                          f"{version}`", accuracy)
+    with _champion(settings) as champion:
+        if folder is None or accuracy is None:
+            champion.set(version)
+            return AddOutcome(version, True, "promoted without a gate (no --data to measure it on): the same "
+                                             "override as `imgq models promote`", None)
+        compared = champion.get()
+        decision = decide(accuracy, _load_champion(settings, compared), folder.items, folder.classes,
+                          tolerance=settings.promote_tolerance)
+        promoted, reason = decision.promote, decision.reason.replace("validation accuracy", f"accuracy on {data}")
+        if promoted:
+            promoted, now = champion.promote_if(version, expected=compared)
+            if not promoted:
+                reason = (f"the champion changed during gating ({compared or 'none'} -> {now or 'none'}); kept as "
+                          f"a candidate (the gate said: {decision.reason})")
+    return AddOutcome(version, promoted, reason, accuracy)
+
+
+def _load_champion(settings: Settings, version: str | None) -> Classifier | None:
+    if version is None:
+        return None
+    try:
+        return load_checkpoint(version_dir(settings.model_dir, version))
+    except (ArtifactError, OSError):  # a champion that cannot load is no bar to clear (as a retrain's gate)
+        return None

@@ -8,7 +8,15 @@ from pathlib import Path
 from typing import Any
 
 from cli.options import add_common, positive_int, settings_from, train_args
-from imgq.errors import ImgqError
+from imgq.errors import ExitCode, ImgqError
+
+# `imgq models add`'s flags: (name on the command line, attribute); each is refused with the other actions.
+_ADD_ONLY = (("--classes", "classes"), ("--input-size", "input_size"), ("--mean", "mean"), ("--std", "std"),
+             ("--promote", "promote"), ("--data", "data"))
+
+
+class _UsageError(ImgqError):
+    exit_code = ExitCode.USAGE
 
 
 def _retrain_request(args: argparse.Namespace) -> Any:
@@ -57,6 +65,12 @@ def cmd_models(args: argparse.Namespace) -> int:
     from cli import lifecycle
 
     settings = settings_from(args)
+    if args.action != "add":
+        given = [flag for flag, name in _ADD_ONLY if getattr(args, name) not in (None, False)]
+        if given:
+            raise _UsageError(f"models {args.action}: {given[0]} is for `imgq models add`; see `imgq models -h`")
+    if args.action == "add":
+        return _add(args, settings)
     if args.action == "list":
         lifecycle.print_models(lifecycle.list_models(settings), args.json)
     elif args.action == "promote":
@@ -67,6 +81,49 @@ def cmd_models(args: argparse.Namespace) -> int:
     else:
         print(f"rolled back: champion is now {lifecycle.rollback(settings)}")
     return 0
+
+
+def _add(args: argparse.Namespace, settings: Any) -> int:
+    from cli import lifecycle
+    from model.preprocess import IMAGENET_MEAN, IMAGENET_STD
+
+    if not args.version:
+        raise _UsageError("models add PATH: name the TorchScript (.ts/.pt) or torch.export (.pt2) file; "
+                          "see `imgq models -h`")
+    if args.classes is None or args.input_size is None:
+        raise _UsageError("models add: --classes a,b,c and --input-size N are required; see `imgq models -h`")
+    path = Path(args.version)
+    if not path.is_file():
+        raise ImgqError(f"{path}: no such file; name the saved TorchScript or torch.export archive")
+    outcome = lifecycle.add_model(settings, path, classes=args.classes, input_size=args.input_size,
+                                  mean=args.mean or IMAGENET_MEAN, std=args.std or IMAGENET_STD,
+                                  promote=args.promote, data=args.data)
+    print(outcome.version)  # stdout: the version alone, for scripts
+    if not args.quiet:
+        measured = "" if outcome.accuracy is None else f"accuracy {outcome.accuracy:.4f} on {args.data}; "
+        state = "promoted to champion" if outcome.promoted else "NOT promoted (candidate)"
+        print(f"imgq: model {outcome.version}: {measured}{state}: {outcome.reason}", file=sys.stderr)
+    return 0
+
+
+def _class_list(raw: str) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in raw.split(","))
+    if len(names) < 2 or not all(names):
+        raise argparse.ArgumentTypeError(f"{raw!r}: give at least 2 comma-separated class names, in the order of "
+                                         "the model's outputs")
+    if len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"{raw!r}: a class name repeats")
+    return names
+
+
+def _triple(raw: str) -> tuple[float, float, float]:
+    try:
+        values = tuple(float(v) for v in raw.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3:
+        raise argparse.ArgumentTypeError(f"{raw!r}: give 3 comma-separated numbers (R,G,B), e.g. 0.5,0.5,0.5")
+    return values[0], values[1], values[2]
 
 
 def cmd_demo_data(args: argparse.Namespace) -> int:
@@ -106,11 +163,23 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no warning when no trainer is up")
     p.set_defaults(func=cmd_retrain)
 
-    p = sub.add_parser("models", help="the model registry: list, promote VERSION, rollback")
-    p.add_argument("action", choices=("list", "promote", "rollback"))
-    p.add_argument("version", nargs="?")
+    p = sub.add_parser("models", help="the model registry: list, promote VERSION, rollback, add PATH (your own "
+                       "TorchScript or torch.export network)")
+    p.add_argument("action", choices=("list", "promote", "rollback", "add"))
+    p.add_argument("version", nargs="?", metavar="VERSION|PATH", help="promote: the version; add: the archive")
     p.add_argument("--json", action="store_true")
     p.add_argument("--model-dir", type=Path, help="model registry (IMGQ_MODEL_DIR)")
+    add = p.add_argument_group("add PATH", "register a torch.jit.save (TorchScript) or torch.export.save (.pt2) "
+                               "archive of any nn.Module that maps [N, 3, S, S] images to [N, classes] logits")
+    add.add_argument("--classes", type=_class_list, help="the class names, comma-separated, in output order")
+    add.add_argument("--input-size", type=positive_int, help="S: the square input the model expects, in pixels")
+    add.add_argument("--mean", type=_triple, help="normalisation mean R,G,B of [0, 1] pixels (default ImageNet's)")
+    add.add_argument("--std", type=_triple, help="normalisation std R,G,B (default ImageNet's)")
+    add.add_argument("--data", type=Path, help="labelled images DIR/<class>/<image>: measure the model there; "
+                     "with --promote, promote only if it passes the gate against the champion")
+    add.add_argument("--promote", action="store_true", help="make it the champion (through the gate with --data, "
+                     "by hand without)")
+    add.add_argument("-q", "--quiet", action="store_true", help="stdout only: the version")
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("demo-data", help="write the built-in demo data set as an ImageFolder")

@@ -1,8 +1,12 @@
-"""Model artifacts on disk: ``weights.safetensors`` + ``meta.json``. Nothing is ever unpickled.
+"""Model artifacts on disk: ``meta.json`` + ``weights.safetensors``, ``model.ts`` or ``model.pt2``. Nothing
+is ever unpickled.
 
-A model file is a program if it is a pickle ("models are programs", PyTorch's security notes), so weights
-are safetensors only and everything about them is checked before the first forward pass: the format, every
-tensor name, shape and dtype against the architecture in meta.json, and that every value is finite.
+A model file is a program if it is a pickle ("models are programs", PyTorch's security notes), so imgq's own
+networks are safetensors weights, and everything about them is checked before the first forward pass: the
+format, every tensor name, shape and dtype against the architecture in meta.json, and that every value is
+finite. A user's network is a TorchScript or torch.export archive (``meta.json``'s ``format``), checked and
+loaded by :mod:`model.archive`, then run once on a probe batch: it must give finite [N, classes] logits, the
+same twice.
 """
 
 from __future__ import annotations
@@ -18,8 +22,9 @@ import torch
 from torch import nn
 
 from imgq.errors import ImgqError
+from model.archive import ArchiveError, load_export, load_torchscript
 from model.classifier import Classifier, resolve_device
-from model.meta import ModelMeta, new_version_id
+from model.meta import SAFETENSORS, TORCHSCRIPT, ModelMeta, new_version_id
 from model.net import build_model
 
 __all__ = [
@@ -30,9 +35,11 @@ __all__ = [
     "ModelMeta",
     "load_checkpoint",
     "new_version_id",
+    "probe_module",
     "read_meta",
     "save_checkpoint",
     "serialize_weights",
+    "write_atomic",
     "write_checkpoint",
 ]
 
@@ -57,11 +64,13 @@ def save_checkpoint(model: nn.Module, meta: ModelMeta, directory: Path) -> Path:
     return directory
 
 
-def write_checkpoint(weights: bytes, meta: ModelMeta, directory: Path) -> None:
-    """Each file goes to a temporary name first and is renamed over the old one: readers never see half."""
+def write_checkpoint(weights: bytes | None, meta: ModelMeta, directory: Path) -> None:
+    """Each file goes to a temporary name first and is renamed over the old one: readers never see half.
+    ``weights`` None: meta.json only (an imported archive is written beside it by the caller)."""
     directory.mkdir(parents=True, exist_ok=True)
-    _write_atomic(directory / WEIGHTS_FILE, weights)
-    _write_atomic(directory / META_FILE, (json.dumps(meta.to_dict(), indent=2) + "\n").encode())
+    if weights is not None:
+        write_atomic(directory / WEIGHTS_FILE, weights)
+    write_atomic(directory / META_FILE, (json.dumps(meta.to_dict(), indent=2) + "\n").encode())
 
 
 def read_meta(directory: Path) -> ModelMeta:
@@ -83,6 +92,46 @@ def read_meta(directory: Path) -> ModelMeta:
 def load_checkpoint(directory: Path, device: str | torch.device = "cpu") -> Classifier:
     """Validate the artifact in ``directory`` and return it ready to serve, in eval mode on ``device``."""
     meta = read_meta(directory)
+    if meta.format == SAFETENSORS:
+        return _load_weights(directory, meta, device)
+    path = directory / meta.artifact_file
+    if not path.is_file():
+        raise ArtifactError(f"{path}: missing")
+    target = resolve_device(device)
+    try:
+        module = load_torchscript(path, target) if meta.format == TORCHSCRIPT else load_export(path, target)
+    except ArchiveError as exc:
+        raise ArtifactError(str(exc)) from None
+    classifier = Classifier(module, meta, target)
+    probe_module(classifier, path)
+    return classifier
+
+
+def probe_module(classifier: Classifier, path: Path, batch: int = 2) -> None:
+    """One forward pass of an imported network on a fixed batch: finite [batch, classes] logits, twice the same
+    (a module exported in training mode keeps its dropout on, and would label the same image differently)."""
+    size = classifier.meta.input_size
+    x = torch.linspace(-2, 2, batch * 3 * size * size).reshape(batch, 3, size, size).to(classifier.device)
+    try:
+        first, second = classifier.logits(x).float(), classifier.logits(x).float()
+    except Exception as exc:  # whatever the program raises: it cannot serve this input
+        raise ArtifactError(f"{path}: a forward pass on a [{batch}, 3, {size}, {size}] batch failed: "
+                            f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''} "
+                            "(is the input size right? the model must take [N, 3, S, S] images)") from None
+    want = (batch, len(classifier.classes))
+    if not isinstance(first, torch.Tensor) or tuple(first.shape) != want:
+        got = tuple(first.shape) if isinstance(first, torch.Tensor) else type(first).__name__
+        raise ArtifactError(f"{path}: the model's output is {got} for a [{batch}, 3, {size}, {size}] batch; "
+                            f"expected {list(want)}, one logit per class ({len(classifier.classes)} classes: "
+                            f"{', '.join(classifier.classes)})")
+    if not bool(torch.isfinite(first).all()):
+        raise ArtifactError(f"{path}: the model's output contains NaN or Inf")
+    if not torch.allclose(first, second, rtol=1e-4, atol=1e-5):
+        raise ArtifactError(f"{path}: two forward passes on the same batch differ: save the model in eval mode "
+                            "(model.eval() before torch.jit.script or torch.export.export)")
+
+
+def _load_weights(directory: Path, meta: ModelMeta, device: str | torch.device) -> Classifier:
     path = directory / WEIGHTS_FILE
     if not path.is_file():
         raise ArtifactError(f"{path}: missing")
@@ -115,7 +164,7 @@ def _few(names: list[str]) -> str:
     return ", ".join(names[:5]) + more if names else "[]"
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")  # unique per writer
     try:
         with open(tmp, "wb") as f:

@@ -57,6 +57,13 @@ def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if amp == "bf16" else torch.float16
 
 
+def _eval_mode(module: nn.Module) -> nn.Module:
+    try:
+        return module.eval()
+    except NotImplementedError:  # a torch.export program: its mode was fixed when it was exported
+        return module
+
+
 class Classifier:
     """One model version in eval mode on one device; ``preprocess`` is the preset it was validated with."""
 
@@ -67,20 +74,20 @@ class Classifier:
         self.classes = meta.classes
         self.device = resolve_device(device)
         self.options = options or _process_options
-        self.module = module.to(self.device).eval()
+        self.module = _eval_mode(module.to(self.device))
         if self.options.channels_last:
             self.module = self.module.to(memory_format=torch.channels_last)
         self.amp_dtype = _amp_dtype(self.options.amp, self.device)
         self._forward: nn.Module = self.module
-        if self.options.compile:
+        if self.options.compile and meta.architecture is not None:  # an imported archive is compiled already
             self._forward = torch.compile(self.module)  # type: ignore[assignment]  # lazy: compiles on first call
-        self.preprocess = Preprocess(size=meta.config.input_size, mean=meta.mean, std=meta.std)
+        self.preprocess = Preprocess(size=meta.input_size, mean=meta.mean, std=meta.std)
 
     def predict(self, batch: torch.Tensor, k: int = 3) -> list[Prediction]:
         """Top-``k`` ``(label, probability)`` per row, most likely first; ``k`` is capped at the classes."""
         if k < 1:
             raise ValueError(f"k must be >= 1, not {k}")
-        size = self.meta.config.input_size
+        size = self.meta.input_size
         if batch.dim() != 4 or tuple(batch.shape[1:]) != (3, size, size):
             raise ValueError(f"expected a batch of shape (N, 3, {size}, {size}), got {tuple(batch.shape)}")
         if batch.shape[0] == 0:
@@ -113,4 +120,4 @@ class Classifier:
         return self.predict(torch.stack([self.preprocess(img) for img in images]), k)
 
     def __repr__(self) -> str:
-        return f"Classifier(version={self.version!r}, arch={self.meta.config.arch!r}, device={self.device})"
+        return f"Classifier(version={self.version!r}, arch={self.meta.arch!r}, device={self.device})"

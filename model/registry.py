@@ -1,7 +1,8 @@
 """A versioned model registry on disk, and which version is the champion that workers serve.
 
-    MODEL_DIR/versions/<version>/weights.safetensors   immutable once renamed into place
-    MODEL_DIR/versions/<version>/meta.json
+    MODEL_DIR/versions/<version>/weights.safetensors   immutable once renamed into place (imgq's networks)
+    MODEL_DIR/versions/<version>/model.ts | model.pt2   or a user's network (`imgq models add`: import_archive)
+    MODEL_DIR/versions/<version>/meta.json             format, classes, input size, normalisation, metrics
     MODEL_DIR/CHAMPION                                  the champion's version id, replaced atomically
     MODEL_DIR/CHAMPION_HISTORY                          promoted versions, one a line, oldest first
     MODEL_DIR/CHAMPION.lock                             flock: one writer of the two files above at a time
@@ -26,16 +27,19 @@ import torch
 from torch import nn
 
 from imgq.errors import ImgqError, ModelNotFoundError
+from model.archive import ArchiveError, detect_format
 from model.checkpoint import (
     META_FILE,
     WEIGHTS_FILE,
+    ArtifactError,
     Classifier,
     load_checkpoint,
     read_meta,
     serialize_weights,
+    write_atomic,
     write_checkpoint,
 )
-from model.meta import VERSION_PATTERN, ModelMeta, Triple, new_version_id
+from model.meta import ARTIFACT_FILES, VERSION_PATTERN, ModelMeta, Triple, new_version_id
 from model.net import ModelConfig
 from model.pointer import CHAMPION_FILE, TRAIN_HINT, champion_version
 
@@ -79,6 +83,62 @@ def publish(
         except OSError:
             # Same second and same weights digest: byte-identical weights are already published.
             if not (final / WEIGHTS_FILE).is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return version
+
+
+def import_archive(
+    model_dir: Path,
+    source: Path,
+    *,
+    classes: Sequence[str],
+    input_size: int,
+    mean: Triple,
+    std: Triple,
+    metrics: dict[str, Any] | None = None,
+    assess: Callable[[Classifier], Mapping[str, Any]] | None = None,
+) -> str:
+    """Store a user's TorchScript or torch.export archive as a new version and return its id (the champion
+    does not change). It is loaded and probed (:func:`model.checkpoint.load_checkpoint`) before it appears:
+    a file that is not such an archive, or whose output is not [N, len(classes)], is refused with
+    ``ArtifactError`` and nothing is published. ``assess(loaded)`` gives more metrics (an accuracy), stored
+    in meta.json before the version appears."""
+    try:
+        fmt = detect_format(source)
+    except ArchiveError as exc:
+        raise ArtifactError(str(exc)) from None
+    data = source.read_bytes()
+    now = datetime.now(UTC)
+    version = new_version_id(hashlib.sha256(data).hexdigest(), now)
+
+    def meta_with(extra: Mapping[str, Any]) -> ModelMeta:
+        return ModelMeta(version=version, config=None, classes=tuple(classes), mean=mean, std=std,
+                         metrics={**(metrics or {}), "source": str(source), **extra}, created_at=now.isoformat(),
+                         format=fmt, input_size=input_size)
+
+    try:
+        meta = meta_with({})
+    except ValueError as exc:
+        raise ArtifactError(f"{source}: {exc}") from None
+    final = version_dir(model_dir, version)
+    tmp = final.with_name(f".tmp-{version}-{secrets.token_hex(4)}")
+    try:
+        tmp.mkdir(parents=True)
+        write_atomic(tmp / ARTIFACT_FILES[fmt], data)
+        write_checkpoint(None, meta, tmp)
+        try:
+            loaded = load_checkpoint(tmp, "cpu")  # refused here, before it is a version anyone can promote
+        except ArtifactError as exc:  # name the user's file, not the temporary copy
+            raise ArtifactError(str(exc).replace(str(tmp / ARTIFACT_FILES[fmt]), str(source))) from None
+        if assess is not None:
+            write_checkpoint(None, meta_with(assess(loaded)), tmp)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            # Same second and same bytes: this very archive is already published under this id.
+            if not (final / ARTIFACT_FILES[fmt]).is_file():
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

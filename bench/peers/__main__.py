@@ -1,0 +1,176 @@
+"""`python -m bench.peers [--quick] [--rows ...] [--out bench/peers.json]`: see bench/peers/__init__.py."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import bench.peers  # noqa: F401  (telemetry off before anything imports daft)
+from bench.images import DATA_DIR, write_images
+from imgq.redis_server import free_port
+
+ROWS = ("ceiling", "daft", "imgq run", "imgq cluster", "tutorial")
+INPUT_SIZE = 64
+FETCHES_PER_IMAGE = 10
+FULL_IMAGES, QUICK_IMAGES = 600, 60
+# Seconds a row may take before it is stopped (the tutorial stops itself at its soft bound and reports
+# the rate over what it did).
+ROW_TIMEOUT_S = {False: 1800, True: 600}
+TUTORIAL_MAX_S = {False: 600.0, True: 120.0}
+WORK = DATA_DIR / "peers"
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def prepare_model(work: Path) -> tuple[Path, Path, list[str]]:
+    """imgq's default CNN (untrained, seed 0) as TorchScript, registered in ``work/models`` with
+    `imgq models add --promote`. Returns (the .ts file, the registry, the classes)."""
+    import torch
+
+    from model.demo_data import CLASSES
+    from model.net import ModelConfig, build_model
+    from model.pointer import champion_version
+
+    models, ts = work / "models", work / "cnn.ts"
+    classes = list(CLASSES[: ModelConfig().num_classes])
+    if champion_version(models) is not None and ts.is_file():
+        return ts, models, classes
+    torch.manual_seed(0)
+    module = build_model(ModelConfig(input_size=INPUT_SIZE)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script is deprecated, and still the API
+        torch.jit.script(module).save(str(ts))  # type: ignore[no-untyped-call]
+    proc = subprocess.run([sys.executable, "-m", "cli", "models", "add", str(ts), "--classes", ",".join(classes),
+                           "--input-size", str(INPUT_SIZE), "--promote", "-q"],
+                          env={**os.environ, "IMGQ_MODEL_DIR": str(models),
+                               "IMGQ_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"},  # none: disk only
+                          capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        raise SystemExit(f"bench.peers: imgq models add failed: {proc.stderr.strip()}")
+    return ts, models, classes
+
+
+@contextmanager
+def http_server(root: Path) -> Iterator[str]:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "bench.peers.httpserver", str(root), str(port)])
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit(f"bench.peers: the image server did not start on port {port}") from None
+                time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def run_row(row: str, spec: dict[str, Any], work: Path, timeout_s: float) -> dict[str, Any]:
+    """``row`` in a fresh interpreter (its own imports and threads), bounded by ``timeout_s``."""
+    name = row.replace(" ", "-")
+    spec_path, out_path = work / f"{name}.spec.json", work / f"{name}.out.json"
+    spec_path.write_text(json.dumps(spec))
+    out_path.unlink(missing_ok=True)
+    load_before = os.getloadavg()[0]
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "bench.peers.rows", row, str(spec_path), str(out_path)],
+                              capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return {"error": f"stopped after {timeout_s:g} s"}
+    result: dict[str, Any] = (json.loads(out_path.read_text()) if proc.returncode == 0 and out_path.is_file()
+                              else {"error": (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]})
+    result["process_s"] = round(time.perf_counter() - start, 2)
+    result["load_before"], result["load_after"] = round(load_before, 2), round(os.getloadavg()[0], 2)
+    return result
+
+
+def agreement(labels: Sequence[str | None], reference: Sequence[str | None]) -> float | None:
+    pairs = [(a, b) for a, b in zip(labels, reference, strict=False) if a is not None and b is not None]
+    return round(sum(a == b for a, b in pairs) / len(pairs), 4) if pairs else None
+
+
+def table(results: dict[str, dict[str, Any]]) -> str:
+    lines = [f"{'system':<14}{'img/s':>9}{'wall s':>9}{'images':>8}{'labelled':>10}{'load':>12}  note"]
+    for row, r in results.items():
+        if "error" in r:
+            lines.append(f"{row:<14}{'-':>9}{'-':>9}{'-':>8}{'-':>10}{'':>12}  failed: {r['error']}")
+            continue
+        labelled = sum(label is not None for label in r.get("labels", [])) if "labels" in r else r["images"]
+        load = f"{r['load_before']:.1f}->{r['load_after']:.1f}"
+        lines.append(f"{row:<14}{r['ips']:>9.1f}{r['wall_s']:>9.1f}{r['images']:>8}{labelled:>10}{load:>12}  "
+                     f"{r.get('note', '')}")
+    ips = {row: r["ips"] for row, r in results.items() if "ips" in r}
+    for imgq_row in ("imgq run", "imgq cluster"):
+        for other in ("daft", "ceiling"):
+            if imgq_row in ips and other in ips:
+                lines.append(f"{imgq_row} / {other}: {ips[imgq_row] / ips[other]:.2f}x")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.peers", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help=f"{QUICK_IMAGES} images, "
+                        f"{QUICK_IMAGES * FETCHES_PER_IMAGE} URLs")
+    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, of: {', '.join(ROWS)}")
+    parser.add_argument("--out", type=Path, default=Path("bench/peers.json"))
+    args = parser.parse_args(argv)
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    unknown = sorted(set(rows) - set(ROWS))
+    if unknown:
+        parser.error(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
+
+    work = WORK / ("quick" if args.quick else "full")
+    work.mkdir(parents=True, exist_ok=True)
+    n_images = QUICK_IMAGES if args.quick else FULL_IMAGES
+    _say(f"bench.peers: {n_images} photo-like JPEGs in {DATA_DIR} (written once), the model, the server")
+    files = write_images(n_images)
+    ts, models, classes = prepare_model(WORK)
+    from model.preprocess import IMAGENET_MEAN, IMAGENET_STD
+
+    with http_server(DATA_DIR) as base:
+        # Image i's k-th fetch: distinct URLs (no cache can answer), the same bytes every time.
+        urls = [f"{base}/{files[i].name}?k={k}" for k in range(FETCHES_PER_IMAGE) for i in range(n_images)]
+        urls_file = work / "urls.txt"
+        urls_file.write_text("\n".join(urls) + "\n")
+        spec = {"urls_file": str(urls_file), "model_ts": str(ts), "model_dir": str(models), "classes": classes,
+                "input_size": INPUT_SIZE, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+                "images": [str(f) for f in files], "passes": FETCHES_PER_IMAGE, "work": str(work),
+                "timeout_s": ROW_TIMEOUT_S[args.quick], "max_s": TUTORIAL_MAX_S[args.quick]}
+        results: dict[str, dict[str, Any]] = {}
+        for row in rows:
+            _say(f"bench.peers: {row} ({len(urls)} images)")
+            results[row] = run_row(row, spec, work, ROW_TIMEOUT_S[args.quick])
+    reference = results.get("imgq run", {}).get("labels")
+    for r in results.values():
+        if reference and "labels" in r:
+            r["agrees_with_imgq_run"] = agreement(r["labels"], reference)
+    print(table(results))
+    report = {"quick": args.quick, "urls": len(urls), "distinct_images": n_images, "input_size": INPUT_SIZE,
+              "cores": os.cpu_count(), "platform": platform.platform(), "load_avg": os.getloadavg(),
+              "rows": {row: {k: v for k, v in r.items() if k != "labels"} for row, r in results.items()}}
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    _say(f"bench.peers: wrote {args.out}")
+    return 0 if all("error" not in r for r in results.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

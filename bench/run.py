@@ -1,4 +1,4 @@
-"""`make bench`: ceiling vs imgq vs naive images/s, one-URL latency, worker memory, and a 1M-URL enqueue.
+"""`make bench`: ceiling vs imgq vs naive images/s, one-URL latency, worker memory, a 1M-URL enqueue, cold start.
 
 Everything runs on this machine's cores in one go, so the ratios compare like with like; the absolute
 figures move with whatever else the machine is doing (the load average is printed with them).
@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from bench.ceiling import CeilingResult, measure_ceiling
+from bench.coldstart import measure_cold_start
 from bench.e2e import measure_e2e
 from bench.enqueue import measure_enqueue, write_url_file
 from bench.images import DATA_DIR, write_images
@@ -161,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default="cnn,resnet18", help="comma-separated: cnn, resnet18")
     parser.add_argument("--quick", action="store_true", help="a few seconds per figure (a smoke test)")
     parser.add_argument("--skip-enqueue", action="store_true", help="skip the 1M-URL imgq submit")
+    parser.add_argument("--skip-coldstart", action="store_true", help="skip the start-up figures (bench.coldstart)")
     parser.add_argument("--skip-retrain", action="store_true", help="skip timing `imgq train` on the demo set")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results.json")
     args = parser.parse_args(argv)
@@ -179,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     _say(f"writing {DISTINCT_IMAGES} photo-like JPEGs to {DATA_DIR} (kept for the next run)")
     files = write_images(DISTINCT_IMAGES)
     results: dict[str, Any] = {"models": names}
+    cold_line = ""
     with serve_images(DATA_DIR) as server:
         for name in names:
             scales = QUICK if args.quick else SCALES
@@ -190,6 +193,17 @@ def main(argv: list[str] | None = None) -> int:
         results.update(enqueue_1m_s=round(enq.seconds, 2), enqueue_1m_peak_rss_mb=round(enq.peak_rss_mb, 1),
                        enqueue_1m_rss_at_10pct_mb=round(enq.rss_at_10pct_mb, 1), enqueue_urls=enq.urls,
                        enqueue_messages=enq.messages)
+    if not args.skip_coldstart:
+        _say("cold start: imgq run of 100 URLs, worker start to ready, first batch vs hundredth")
+        cold = measure_cold_start(runs=1 if args.quick else 3, batches=20 if args.quick else 100)
+        results["cold_start"] = {"run_100_s": round(cold.run_100_s, 2), "run_100_all_s": cold.run_100_all_s,
+                                 "worker_ready_s": round(cold.worker_ready_s, 2),
+                                 "worker_ready_all_s": cold.worker_ready_all_s,
+                                 "first_batch_ms": round(cold.first_batch_ms, 1),
+                                 "hundredth_batch_ms": round(cold.hundredth_batch_ms, 1),
+                                 "first_over_hundredth": round(cold.first_over_hundredth, 2),
+                                 "loadavg": cold.loadavg}
+        cold_line = cold.describe()
     if not args.skip_retrain:
         _say("imgq train --data demo (default CNN) in a fresh model dir")
         results.update(measure_retrain(epochs=2 if args.quick else None))
@@ -206,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     results["wall_s"] = round(time.time() - started, 1)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print_table(results)
+    if cold_line:
+        print(cold_line)
     print(f"wrote {args.out} ({results['wall_s']:.0f} s)")
     return 0
 

@@ -63,6 +63,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if getattr(args, "quiet", False) and not args.verbose:
+        logging.getLogger().setLevel(logging.ERROR)  # -q: no notes (e.g. "waiting for workers"); errors still
     handler: Callable[[argparse.Namespace], int] = args.func
     if handler is not serve.cmd_worker:
         signal.signal(signal.SIGTERM, _interrupt)

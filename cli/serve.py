@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from cli.options import add_common, settings_from
 from imgq.errors import ImgqError
@@ -45,17 +48,32 @@ def cmd_worker(args: argparse.Namespace) -> int:
         require_champion(settings.model_dir, settings.env_name("model_dir"))
     from worker.app import EXIT_RETRY, app, stop_was_requested
 
-    argv = ["worker", f"--loglevel={args.loglevel}", "-Q", queues, "-c", str(settings.concurrency)]
+    # Without mingle and gossip: mingle waits a second at start for other workers' revoked-task lists and
+    # gossip follows other workers' events; imgq revokes nothing and needs neither (Flower reads events).
+    argv = ["worker", f"--loglevel={args.loglevel}", "-Q", queues, "-c", str(settings.concurrency),
+            "--without-mingle", "--without-gossip"]
     if args.name:
         argv += ["-n", args.name]
     app.worker_main(argv)  # returns when the worker stops; Celery's exit code is not handed back
     if stop_was_requested():
-        return 0
+        _exit_now(0)
     # Stopped on its own (e.g. kombu's ack refused by a Redis at maxmemory): never exit 0 then, or a
     # restart policy keyed on failure would leave the deployment with one worker fewer.
     print(f"imgq worker: the worker stopped without being asked to (see the error above); exiting {EXIT_RETRY} "
           "so that it is restarted", file=sys.__stderr__, flush=True)  # Celery may still redirect sys.stderr
-    return EXIT_RETRY
+    _exit_now(EXIT_RETRY)
+
+
+def _exit_now(code: int) -> NoReturn:
+    """End the worker process once Celery has shut down (its shutdown signals have run: batches acked or
+    requeued, serving closed). The interpreter's own teardown of torch's modules and threads adds seconds to
+    every stop and restart, and has nothing left to save."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        with contextlib.suppress(Exception):
+            if stream is not None:
+                stream.flush()
+    os._exit(code)
 
 
 def cmd_beat(args: argparse.Namespace) -> int:

@@ -66,13 +66,24 @@ class WorkerProcess:
             return ""
 
     def stop(self, timeout_s: float = 15.0) -> None:
+        self.terminate()
+        self.wait_stopped(timeout_s)
+
+    def terminate(self) -> None:
+        """Ask for Celery's warm shutdown (unfinished batches go back to the queue); returns at once."""
         if self.proc.poll() is None:
-            self.proc.terminate()  # Celery's warm shutdown: unfinished batches go back to the queue
-            try:
-                self.proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            self.proc.terminate()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+
+    def wait_stopped(self, timeout_s: float = 15.0) -> None:
+        try:
+            self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
 
 
 class LocalCluster:
@@ -84,8 +95,16 @@ class LocalCluster:
     """
 
     def __init__(self, settings: Settings, *, workers: int = 1, concurrency: int | None = None,
-                 redis: bool = True, log_dir: Path | None = None) -> None:
+                 redis: bool = True, log_dir: Path | None = None, wait_ready: bool = True,
+                 kill_on_stop: bool = False) -> None:
+        """``wait_ready=False``: :meth:`start` returns once the processes are started, so the caller's own work
+        (submitting a job) overlaps the workers' start-up; :meth:`check_alive` still reports a worker that
+        refused to start. ``kill_on_stop``: stop workers with SIGKILL, for a cluster whose Redis is private
+        and discarded with it, where nothing a worker holds outlives the stop (`imgq run` once its results are
+        written out); a warm shutdown there only costs seconds."""
         self.n_workers = workers
+        self.wait_for_ready = wait_ready
+        self.kill_on_stop = kill_on_stop
         self.concurrency = concurrency
         self.redis: RedisServer | None = RedisServer() if redis else None
         self.settings = settings if self.redis is None else settings.replace(redis_url=self.redis.url)
@@ -99,7 +118,8 @@ class LocalCluster:
             self.redis.start()
         for i in range(self.n_workers):
             self._spawn(f"local{i}@%h", None, self.concurrency, {})
-        self.wait_ready(timeout_s=ready_timeout_s)
+        if self.wait_for_ready:
+            self.wait_ready(timeout_s=ready_timeout_s)
         return self
 
     def start_worker(self, name: str | None = None, queues: str | None = None, **env: str) -> WorkerProcess:
@@ -120,7 +140,8 @@ class LocalCluster:
         while True:
             self.check_alive()
             try:
-                if len(self.app.control.ping(timeout=0.5)) >= want:
+                # limit: return as soon as that many answered, not after the whole timeout
+                if len(self.app.control.ping(timeout=0.5, limit=want)) >= want:
                     return
             except (redis.ConnectionError, OperationalError, OSError):
                 pass  # a broker connection dropped while we asked (seen on a loaded machine): ask again
@@ -133,8 +154,14 @@ class LocalCluster:
             w.check_alive()
 
     def stop(self) -> None:
+        # All at once: each worker's shutdown takes a while, and they need not take turns.
         for w in self.workers:
-            w.stop()
+            if self.kill_on_stop:
+                w.kill()
+            else:
+                w.terminate()
+        for w in self.workers:
+            w.wait_stopped()
         self.workers.clear()
         self.app.close()
         if self.redis is not None:

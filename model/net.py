@@ -9,7 +9,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torchvision import models
 
 ARCHITECTURES = ("cnn", "resnet18", "mobilenet_v3_small", "efficientnet_b0")
 # The classifier layers of each network, by state-dict prefix: what fine-tuning trains first (the rest is
@@ -73,6 +72,10 @@ def build_model(config: ModelConfig) -> nn.Module:
     """A freshly initialised network; torchvision ones get ``weights=None`` so nothing is downloaded."""
     if config.arch == "cnn":
         return SmallCNN(config)
+    # Imported here: torchvision's package import costs ~2 s of a worker's start-up, and imgq's own CNN
+    # needs none of it.
+    from torchvision import models
+
     module: nn.Module
     if config.arch == "resnet18":
         module = models.resnet18(weights=None, num_classes=config.num_classes)

@@ -7,15 +7,16 @@ tensors are the serving ones bit for bit.
 
 from __future__ import annotations
 
-import contextlib
+import functools
+from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
-from torchvision.transforms import v2
+from PIL import Image
 
 from model.augment import DEFAULT_AUGMENT, policy
 from model.augment import augment as augment_pixels
+from model.rgb import to_rgb as to_rgb  # moved to torch-free model.rgb (`imgq report`); re-exported for callers
 
 Triple = tuple[float, float, float]
 
@@ -31,10 +32,18 @@ class Preprocess:
         self.size = size
         self.mean = mean
         self.std = std
-        # The definition; __call__ computes the same bit for bit (tests/test_model.py checks).
-        self.transform = v2.Compose([v2.Resize((size, size), antialias=True), *_to_normalised(mean, std)])
         self._mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
         self._std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+
+    @functools.cached_property
+    def transform(self) -> Any:
+        """The definition, as torchvision v2 transforms; __call__ computes the same bit for bit
+        (tests/test_model.py checks). Built on demand: importing torchvision costs ~2 s of a worker's start."""
+        from torchvision.transforms import v2
+
+        return v2.Compose([v2.Resize((self.size, self.size), antialias=True), v2.PILToTensor(),
+                           v2.ToDtype(torch.float32, scale=True),
+                           v2.Normalize(mean=list(self.mean), std=list(self.std))])
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         # self.transform's steps written out (v2 resizes a PIL image with Pillow's bilinear, which antialiases),
@@ -73,62 +82,3 @@ class TrainPreprocess(Preprocess):
 
     def __repr__(self) -> str:
         return f"TrainPreprocess(size={self.size}, mean={self.mean}, std={self.std}, augment={self.augment!r})"
-
-
-def _to_normalised(mean: Triple, std: Triple) -> list[v2.Transform]:
-    return [
-        v2.PILToTensor(),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(mean=list(mean), std=list(std)),
-    ]
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Any decoded image -> upright 8-bit RGB, the same for training files and served URLs: EXIF
-    orientation applied, transparency composited on white, CMYK converted, 16-bit and float greyscale
-    scaled (not clipped) to 8 bits."""
-    return _convert(_upright(img))
-
-
-_WHITE = (255, 255, 255)
-
-
-def _upright(im: Image.Image) -> Image.Image:
-    """Apply EXIF orientation, so a rotated phone photo gets the same label as an upright one."""
-    # Unreadable EXIF is ignored: the pixels are fine, keep them as stored.
-    with contextlib.suppress(Exception):
-        ImageOps.exif_transpose(im, in_place=True)  # in place: no copy of an image that needs no turning
-    return im
-
-
-def _convert(im: Image.Image) -> Image.Image:
-    mode = im.mode
-    if mode == "RGB":
-        return im
-    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        return _scale_to_rgb(im)
-    if mode in ("RGBA", "LA", "PA", "La", "RGBa") or (mode == "P" and "transparency" in im.info):
-        return _on_white(im.convert("RGBA"))
-    return im.convert("RGB")
-
-
-def _on_white(rgba: Image.Image) -> Image.Image:
-    background = Image.new("RGB", rgba.size, _WHITE)
-    background.paste(rgba, mask=rgba.getchannel("A"))
-    return background
-
-
-def _scale_to_rgb(im: Image.Image) -> Image.Image:
-    """16-bit, 32-bit int and float greyscale to 8 bits by scaling; Pillow's convert would clip at 255."""
-    values = np.asarray(im)
-    if im.mode.startswith("I;16") or (im.mode == "I" and values.min() >= 0 and values.max() <= 0xFFFF):
-        scaled = values.astype(np.float32) / 257.0  # the full 16-bit range onto 0..255
-    else:
-        floats = np.nan_to_num(values.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-        low, high = float(floats.min()), float(floats.max())
-        if im.mode == "F" and low >= 0.0 and high <= 1.0:
-            scaled = floats * 255.0  # the usual 0..1 float convention
-        else:
-            scaled = (floats - low) * (255.0 / (high - low)) if high > low else np.zeros_like(floats)
-    grey = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
-    return Image.fromarray(grey).convert("RGB")

@@ -112,6 +112,10 @@ def wait_for_job(store: JobStore, job_id: str, *, progress: bool | None = None, 
     bar = Progress(stream, progress)
     start = bar.start
     last_done, last_progress = -1, start
+    # How long to sleep between polls: never more than poll_s, less when the job should end sooner (its
+    # pending items at the rate seen so far), so a short job's end is noticed within ~20 ms, not poll_s.
+    pause = poll_s
+    first: tuple[float, int] | None = None  # (time, done) of the first progress seen
     outage_since: float | None = None
     try:
         while True:
@@ -142,6 +146,11 @@ def wait_for_job(store: JobStore, job_id: str, *, progress: bool | None = None, 
                 last_progress = now
             if timeout_s is not None and now - start > timeout_s:
                 raise ImgqError(f"job {job_id} not done after {timeout_s:g} s: {status.pending} pending")
-            time.sleep(poll_s)
+            if status.done > 0 and first is None:
+                first = (now, status.done)
+            elif first is not None and status.done > first[1] and now > first[0]:
+                eta = status.pending * (now - first[0]) / (status.done - first[1])
+                pause = min(poll_s, max(0.02, eta / 2))
+            time.sleep(pause)
     finally:
         bar.close()

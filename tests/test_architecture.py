@@ -92,6 +92,16 @@ def test_a_client_module_loads_neither_torch_nor_the_worker_app() -> None:
     assert out == "[]", out
 
 
+def test_a_worker_serving_imgqs_cnn_never_imports_torchvision() -> None:
+    # torchvision's package import is ~2 s of a worker's start-up (issue 14's "worker ready in under 3 s"):
+    # only the torchvision architectures, GPU decode and the v2 reference transform may load it, on demand.
+    code = ("import sys, worker.app, worker.tasks, worker.serving, worker.pipeline, model.train, model.evaluate; "
+            "print('torchvision' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                         check=True).stdout.strip()
+    assert out == "False"
+
+
 def test_every_redis_key_is_built_by_imgq_keys() -> None:
     """No module but imgq/keys.py spells an ``imgq:`` key: the layout has one home."""
     offenders = []

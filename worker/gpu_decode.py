@@ -21,8 +21,6 @@ from collections.abc import Callable, Sequence
 
 import torch
 from PIL import Image
-from torchvision.io import ImageReadMode, decode_jpeg
-from torchvision.transforms.v2 import functional as F
 
 from imgq.errors import ItemError
 from imgq.settings import Settings
@@ -42,6 +40,13 @@ class GpuDecoder:
         # nvJPEG state in torchvision is per process: one batch decodes at a time, tasks take turns.
         self._lock = threading.Lock()
         self._norm: dict[tuple[float, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+        # torchvision is imported by the one engine that decodes on the GPU, not by every worker (~2 s).
+        from torchvision.io import ImageReadMode, decode_jpeg
+        from torchvision.transforms.v2 import functional
+
+        self._decode_jpeg = decode_jpeg
+        self._rgb = ImageReadMode.RGB
+        self._resize = functional.resize
 
     def prepare(self, bodies: Sequence[bytes | ItemError], model: Classifier, fallback: Fallback) -> list[Prepared]:
         """One tensor (on the GPU) or ItemError per body, in order."""
@@ -78,14 +83,14 @@ class GpuDecoder:
         data = [torch.frombuffer(bytearray(body), dtype=torch.uint8) for body in bodies]
         with self._lock:
             try:
-                return list(decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device))
+                return list(self._decode_jpeg(data, mode=self._rgb, device=self.device))
             except RuntimeError:
                 pass  # one bad image fails the whole batch: find it, one by one
             return [self._decode_one(d) for d in data]
 
     def _decode_one(self, data: torch.Tensor) -> torch.Tensor | None:
         try:
-            image: torch.Tensor = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
+            image: torch.Tensor = self._decode_jpeg(data, mode=self._rgb, device=self.device)
             return image
         except RuntimeError:
             return None
@@ -93,7 +98,7 @@ class GpuDecoder:
     def _preprocess(self, image: torch.Tensor, model: Classifier) -> torch.Tensor:
         """What :class:`model.preprocess.Preprocess` does to a PIL image, on a uint8 CHW CUDA tensor."""
         pre = model.preprocess
-        resized = F.resize(image, [pre.size, pre.size], antialias=True)
+        resized = self._resize(image, [pre.size, pre.size], antialias=True)
         mean, std = self._stats(pre.mean, pre.std)
         normalised: torch.Tensor = (resized.float().div_(255) - mean) / std
         return normalised

@@ -37,6 +37,18 @@ from worker.model_watch import ModelWatcher
 
 log = logging.getLogger(__name__)
 
+def _jpeg(width: int, height: int) -> bytes:
+    from io import BytesIO
+
+    from PIL import Image
+
+    out = BytesIO()
+    Image.new("RGB", (width, height), (128, 96, 64)).save(out, format="JPEG")
+    return out.getvalue()
+
+
+_WARM_UP_JPEG = _jpeg(96, 72)
+
 # A placeholder fetch_many always overwrites (it calls back once per URL before it returns).
 _NOT_FETCHED = ItemError(ErrorCode.INTERNAL, "not fetched")
 
@@ -74,6 +86,18 @@ class Serving:
             self._gpu_decoder = GpuDecoder(settings, self.device)
         elif settings.gpu_decode:
             log.warning("IMGQ_GPU_DECODE is on but the device is %s: decoding with Pillow", self.device)
+        self.warm_up()
+
+    def warm_up(self) -> None:
+        """Decode one small JPEG and run the forward pass at the batch sizes serving uses, before the first
+        batch arrives: so the first batch is as fast as the hundredth (the decoder's and the model's first
+        calls allocate and pick kernels) and a model that cannot run fails here, at start-up."""
+        started = time.monotonic()
+        model = self.model
+        image = prepare_image(_WARM_UP_JPEG, model, self.settings)
+        for rows in sorted({1, self.settings.infer_batch}):
+            self.predict(model, [image] * rows)
+        log.info("imgq engine: warmed up in %.2f s", time.monotonic() - started)
 
     @property
     def model(self) -> Classifier:

@@ -368,3 +368,19 @@ def test_request_headers_come_from_settings() -> None:
     assert seen["User-Agent"] == "imgq-test/9"
     assert seen["Accept-Encoding"] == "identity"  # compressed bodies are the exception, not the ask
     assert "image/jpeg" in seen["Accept"] and "Cookie" not in seen
+
+
+def test_the_bad_character_scan_refuses_exactly_whitespace_controls_and_surrogates() -> None:
+    # validate_url's one compiled scan stands for a per-character check: they must agree on every code point.
+    import unicodedata
+
+    from worker.urlcheck import _bad_char
+
+    def bad(ch: str) -> bool:
+        return ch.isspace() or unicodedata.category(ch) in ("Cc", "Cs")
+
+    disagree = [hex(cp) for cp in range(0x110000) if bad(chr(cp)) != (_bad_char(chr(cp)) is not None)]
+    assert disagree == []
+    assert _bad_char("http://example.com/a b.jpg") == " "
+    assert _bad_char("http://example.com/\u3000.jpg") == "\u3000"
+    assert _bad_char("http://example.com/ok.jpg") is None

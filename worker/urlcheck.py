@@ -13,7 +13,6 @@ Whether the *address* is allowed is not decided here: that needs the allow-list 
 from __future__ import annotations
 
 import re
-import unicodedata
 from urllib.parse import urlsplit
 
 import yarl
@@ -37,11 +36,14 @@ def _invalid(url: str, why: str) -> ItemError:
     return ItemError(ErrorCode.INVALID_URL, f"{shown!r}: {why}")
 
 
+# Whitespace (``\s`` is str.isspace for str patterns), control characters (category Cc) and lone surrogates
+# (Cs): one compiled scan instead of a Python loop over every character (~15 us of each fetch).
+_BAD_CHAR = re.compile(r"[\s\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
 def _bad_char(url: str) -> str | None:
-    for ch in url:
-        if ch.isspace() or unicodedata.category(ch) in ("Cc", "Cs"):
-            return ch
-    return None
+    found = _BAD_CHAR.search(url)
+    return found.group() if found else None
 
 
 def _check_hostname(url: str, host: str) -> None:

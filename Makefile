@@ -23,6 +23,16 @@ install: $(STAMP)
 	  else \
 	    echo "make: no docker-compose (installing it needs root and apt-get): tests/test_deploy.py will be skipped"; \
 	  fi; }
+	@# tests/test_prometheus.py runs Debian's prometheus and promtool, installed the same way; without recommends
+	@# (no node exporter), and its service stopped where systemd started it: only the test starts a Prometheus.
+	@command -v prometheus >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	      prometheus >/dev/null && { systemctl disable --now prometheus >/dev/null 2>&1 || true; }) \
+	      || echo "make: apt-get install prometheus failed: tests/test_prometheus.py will be partly skipped"; \
+	  else \
+	    echo "make: no prometheus (installing it needs root and apt-get): tests/test_prometheus.py will be partly skipped"; \
+	  fi; }
 
 demo: install
 	$(VENV)/bin/imgq demo
@@ -32,10 +42,14 @@ lint: install
 	$(VENV)/bin/mypy imgq model worker producer cli bench tests deploy
 
 test: lint
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider --durations=20
 
+# Everything, in one go on this machine's cores (about an hour on 2 cores: the 1M-URL job is most of it).
+# Each step also runs alone: python -m bench.run|peers|bigjob|datasets [--quick].
 bench: install
 	$(PY) -m bench.run
+	$(PY) -m bench.peers
+	$(PY) -m bench.bigjob --sizes 100000,1000000
 	$(PY) -m bench.datasets --out bench/datasets.json
 
 # The images built with no registry and docker-compose.yml run for real, scaled, with a worker killed (README,

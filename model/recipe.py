@@ -11,6 +11,13 @@ CPU, each with its reason. ``train()`` stores the resolved :class:`Recipe` in th
                   still takes 7 steps an epoch
     patience      a quarter of the epochs (at least 3), and never before half of them: the one-cycle rate is
                   still high in the first half and validation accuracy is noisy there
+    averaging     an exponential moving average of the weights (BatchNorm statistics too) spanning about 2
+                  epochs, after a short warm-up, is what is validated and published: the raw weights of a
+                  small set swing by points from epoch to epoch while the rate is high (textures, four
+                  splits: 83-100% validation accuracy at epoch 50 of 100), the average's do not; one
+                  in-place blend of the weights a step
+    selection     the epoch with the best validation accuracy, a tie going to the later (further annealed)
+                  one; so while validation accuracy holds its best, training runs to the end of the cycle
     balance       sample classes equally when the largest has 1.5x the images of the smallest
     threads       1 for the small CNN: the same weights for the same seed whatever the machine's load, and
                   no 30x slowdown when other processes keep the cores busy
@@ -34,6 +41,8 @@ MIN_EPOCHS, MAX_EPOCHS = 10, 100
 MIN_BATCH, MAX_BATCH = 16, 64
 IMBALANCE_RATIO = 1.5
 FREEZE_FRACTION = 0.2
+# The weight average spans about this many epochs (see choose_ema_decay).
+EMA_EPOCHS = 2.0
 
 
 @dataclass(frozen=True)
@@ -51,6 +60,7 @@ class Recipe:
     freeze_epochs: int  # fine-tuning: epochs that train the head alone
     backbone_lr_scale: float  # fine-tuning: the backbone's rate relative to ``lr``
     threads: int  # torch intra-op threads: the same seed and threads give the same weights on a CPU
+    ema_decay: float  # per optimiser step; 0: validate and publish the raw weights
 
 
 def choose_input_size(sizes: Iterable[tuple[int, int]]) -> int:
@@ -80,6 +90,13 @@ def choose_patience(epochs: int) -> tuple[int, int]:
 def is_imbalanced(counts: Sequence[int]) -> bool:
     present = [c for c in counts if c > 0]
     return bool(present) and max(present) >= IMBALANCE_RATIO * min(present)
+
+
+def choose_ema_decay(steps_per_epoch: int, ema_epochs: float = EMA_EPOCHS) -> float:
+    """The per-step decay of an average whose time constant is ``ema_epochs`` epochs (0: no average)."""
+    if ema_epochs <= 0:
+        return 0.0
+    return 1.0 - 1.0 / max(1.0, ema_epochs * steps_per_epoch)
 
 
 def choose_freeze_epochs(epochs: int) -> int:

@@ -10,6 +10,7 @@ import json
 import math
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -17,6 +18,8 @@ import safetensors.torch
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 from torch import nn
+from torch.optim import Optimizer
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from imgq.errors import ImgqError
 from model.augment import AUGMENTATIONS, POLICIES, augment
@@ -26,11 +29,11 @@ from model.data import LabeledImages
 from model.demo_data import CLASSES, demo_images
 from model.evaluate import HTML_FILE, JSON_FILE, evaluate, evaluate_classifier, write_report
 from model.meta import ModelMeta
-from model.net import ModelConfig, is_head
+from model.net import ModelConfig, build_model, is_head
 from model.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess, TrainPreprocess
-from model.recipe import choose_batch_size, choose_epochs, choose_input_size, choose_patience
+from model.recipe import choose_batch_size, choose_ema_decay, choose_epochs, choose_input_size, choose_patience
 from model.registry import version_dir
-from model.train import TrainConfig, _loader, make_recipe, train
+from model.train import TrainConfig, _loader, _param_groups, make_recipe, train
 
 # Augmentation
 
@@ -82,6 +85,7 @@ def test_the_recipe_is_chosen_from_the_data() -> None:
     assert choose_batch_size(120) == 16 and choose_batch_size(5000) == 64
     patience, first = choose_patience(40)
     assert patience == 10 and first == 20
+    assert choose_ema_decay(67) == pytest.approx(1 - 1 / 134) and choose_ema_decay(67, 0) == 0.0
 
 
 def _imbalanced(n_major: int = 60, n_minor: int = 10) -> LabeledImages:
@@ -120,6 +124,59 @@ def test_the_same_seed_gives_the_same_weights(tmp_path: Path) -> None:
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
     assert first.metrics["history"][-1]["train_loss"] == again.metrics["history"][-1]["train_loss"]
+
+
+# The weight average (EMA)
+
+
+def _train_recording_steps(config: TrainConfig, data: LabeledImages, out: Path
+                           ) -> tuple[dict[str, Any], list[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """Train, keeping every parameter by name after each optimiser step: (metrics, steps, published weights)."""
+    plan = make_recipe(config, data.split(config.val_fraction, config.seed)[0])
+    # The trainer builds its optimiser groups with _param_groups: the same call on a twin names each tensor.
+    twin = build_model(ModelConfig(num_classes=len(data.classes), input_size=plan.input_size))
+    name_of = {id(p): n for n, p in twin.named_parameters()}
+    groups = _param_groups(twin, "cnn", plan, fine_tune=config.init is not None)
+    names = [name_of[id(p)] for g in groups for p in g["params"]]
+    steps: list[dict[str, torch.Tensor]] = []
+
+    def record(optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+        params = [p.detach().clone() for g in optimizer.param_groups for p in g["params"]]
+        steps.append(dict(zip(names, params, strict=True)))
+
+    handle = register_optimizer_step_post_hook(record)
+    try:
+        result = train(config, out, promote=False, data=data)
+    finally:
+        handle.remove()
+    return result.metrics, steps, _weights(result.model_dir, result.version)
+
+
+def test_the_published_weights_are_the_average_of_the_steps(tmp_path: Path) -> None:
+    data = LabeledImages(classes=CLASSES, items=tuple(demo_images("train", 16)))
+    config = TrainConfig(epochs=3, input_size=32, patience=0)
+    metrics, steps, published = _train_recording_steps(config, data, tmp_path / "ema")
+    decay = metrics["recipe"]["ema_decay"]
+    per_epoch = len(steps) // 3
+    assert decay == choose_ema_decay(per_epoch) > 0  # on by default, spanning a couple of epochs
+    kept = steps[:metrics["best_epoch"] * per_epoch]
+    expected = dict(kept[0])
+    for n, weights in enumerate(kept[1:], start=1):  # AveragedModel: a copy first, then the decayed average
+        weight = 1 - min(decay, (1 + n) / (10 + n))  # with its warm-up
+        expected = {k: v.lerp(weights[k], weight) for k, v in expected.items()}
+    for name, value in expected.items():
+        torch.testing.assert_close(published[name], value, rtol=1e-5, atol=1e-6)
+    assert not all(torch.equal(published[k], kept[-1][k]) for k in expected)  # not the last step's weights
+    assert all(published[k].dtype == torch.int64 and int(published[k]) > 0  # BatchNorm's counts, not averaged
+               for k in published if k.endswith("num_batches_tracked"))
+
+    off = TrainConfig(epochs=3, input_size=32, patience=0, ema_epochs=0)
+    metrics, steps, published = _train_recording_steps(off, data, tmp_path / "raw")
+    assert metrics["recipe"]["ema_decay"] == 0.0
+    raw = steps[metrics["best_epoch"] * per_epoch - 1]
+    assert all(torch.equal(published[k], raw[k]) for k in raw)
+    with pytest.raises(ValueError, match="ema_epochs"):
+        TrainConfig(ema_epochs=-1)
 
 
 # A tiny set of photographs
@@ -203,11 +260,15 @@ def test_fine_tuning_trains_the_head_alone_first(user_weights: Path, tmp_path: P
 
 def test_fine_tuning_recipe_then_trains_the_backbone_slowly(user_weights: Path, tmp_path: Path) -> None:
     start = safetensors.torch.load_file(user_weights)
-    config = TrainConfig(epochs=5, input_size=32, init=str(user_weights))
-    result = train(config, tmp_path / "models", promote=False, data=_two_shapes(8))
-    assert result.metrics["recipe"]["freeze_epochs"] == 1  # 20% of the epochs by default
-    tuned = _weights(result.model_dir, result.version)
-    moved = [k for k in tuned if not is_head("cnn", k) and k.endswith("weight") and not torch.equal(tuned[k], start[k])]
+    # The weights after each step, not the published ones: on 4 validation images the best epoch may well be
+    # a frozen one.
+    config = TrainConfig(epochs=5, input_size=32, init=str(user_weights), patience=0)
+    metrics, steps, _ = _train_recording_steps(config, _two_shapes(8), tmp_path / "models")
+    assert metrics["recipe"]["freeze_epochs"] == 1  # 20% of the epochs by default
+    per_epoch = len(steps) // 5
+    backbone = [k for k in steps[0] if not is_head("cnn", k)]
+    assert backbone and all(torch.equal(steps[per_epoch - 1][k], start[k]) for k in backbone)
+    moved = [k for k in backbone if k.endswith("weight") and not torch.equal(steps[-1][k], start[k])]
     assert moved, "the backbone never trained after the frozen epochs"
     scratch = make_recipe(TrainConfig(epochs=5), _two_shapes(8))
     assert scratch.freeze_epochs == 0 and scratch.backbone_lr_scale == 1.0

@@ -110,7 +110,7 @@ if done then
 end
 if ARGV[5] ~= '1' and redis.call('EXISTS', KEYS[3]) == 1 then return -2 end
 redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[2])
-local n = redis.call('HINCRBY', KEYS[4], ARGV[4], 1)
+local n = redis.call('BITFIELD', KEYS[4], 'OVERFLOW', 'SAT', 'INCRBY', 'u8', '#' .. ARGV[4], 1)[1]
 redis.call('EXPIRE', KEYS[4], ARGV[3])
 return n
 """
@@ -454,10 +454,15 @@ class JobStore:
         """Count a delivery without a lease (tests: deliveries that died before this one)."""
         key = keys.deliveries(job_id)
         with self.r.pipeline() as p:
-            p.hincrby(key, str(batch_id), 1)
+            p.execute_command("BITFIELD", key, "OVERFLOW", "SAT", "INCRBY", "u8", f"#{batch_id}", 1)
             p.expire(key, self.ttl_s)
-            n, _ = p.execute()
+            (n,), _ = p.execute()
         return int(n)
+
+    def delivery_counts(self, job_id: str) -> dict[int, int]:
+        """Batch id -> how many deliveries started it, for the batches that had one."""
+        raw = self.r.get(keys.deliveries(job_id)) or b""
+        return {batch_id: n for batch_id, n in enumerate(raw) if n}
 
     def claim_batch(self, job_id: str, batch_id: int, indices: Sequence[int], *, token: str, lease_ms: int,
                     take_over: bool = False) -> Claim:

@@ -268,6 +268,8 @@ def _validate(s: Settings) -> None:
                  "fetch_retries", "per_host_rps"):
         if getattr(s, name) < 0:
             fail(name, "must be >= 0")
+    if s.max_deliveries > 254:  # imgq.jobs counts deliveries in one saturating byte per batch
+        fail("max_deliveries", "must be at most 254")
     if not 0 <= s.metrics_port <= 65535:
         fail("metrics_port", "must be a TCP port (1-65535), or 0 for no metrics endpoint")
     try:

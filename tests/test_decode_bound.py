@@ -22,7 +22,6 @@ import torch
 from aiohttp import web
 from PIL import Image
 
-from imgq import keys
 from imgq.errors import ErrorCode, ItemError
 from imgq.redis_server import RedisServer
 from imgq.settings import DEFAULT_IMAGE_FORMATS, Settings
@@ -271,8 +270,7 @@ def test_a_batch_ends_within_its_budget_when_its_fetches_queue_for_one_slow_host
 
 
 def deliveries(cluster: Cluster, job_id: str) -> dict[str, int]:
-    raw = cluster.store.r.hgetall(keys.deliveries(job_id))
-    return {k.decode() if isinstance(k, bytes) else str(k): int(v) for k, v in raw.items()}
+    return {str(batch): n for batch, n in cluster.store.delivery_counts(job_id).items()}
 
 
 @pytest.mark.parametrize("env", [{}, {"IMGQ_MAX_JPEG_SCANS": OPEN, "IMGQ_DECODE_TIMEOUT": "1"}],

@@ -104,8 +104,7 @@ def codes(results: list[dict[str, object]]) -> Counter[str]:
 
 
 def deliveries(cluster: Cluster, job: str) -> dict[int, int]:
-    raw = cluster.store.r.hgetall(keys.deliveries(job))
-    return {int(k): int(v) for k, v in raw.items()}
+    return cluster.store.delivery_counts(job)
 
 
 def logs(cluster: Cluster) -> str:

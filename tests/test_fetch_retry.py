@@ -20,7 +20,6 @@ from aiohttp import web
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
-from imgq import keys
 from imgq.errors import ErrorCode, ItemError, SettingsError
 from imgq.redis_server import free_port
 from imgq.settings import Settings
@@ -345,7 +344,7 @@ def test_a_flaky_site_ends_every_url_labelled_after_its_retries(
         assert site.hits["/missing"] == 1 and site.hits["/go-away"] == 1
 
     # Delivered once: the retries stayed inside the batch's bound, nothing was redelivered.
-    assert [int(v) for v in cluster.store.r.hgetall(keys.deliveries(job)).values()] == [1]
+    assert list(cluster.store.delivery_counts(job).values()) == [1]
     metrics = scrape(port)
     counted = {reason: metrics.get(("imgq_fetch_retries_total", (("reason", reason),)), 0.0) for reason, _ in KINDS}
     assert counted == {reason: 2 * len(urls) / 3 for reason, _ in KINDS}

@@ -453,16 +453,15 @@ class JobStore:
     def count_delivery(self, job_id: str, batch_id: int) -> int:
         """Count a delivery without a lease (tests: deliveries that died before this one)."""
         key = keys.deliveries(job_id)
-        with self.r.pipeline() as p:
-            p.execute_command("BITFIELD", key, "OVERFLOW", "SAT", "INCRBY", "u8", f"#{batch_id}", 1)
-            p.expire(key, self.ttl_s)
-            (n,), _ = p.execute()
+        (n,) = self.r.bitfield(key, default_overflow="SAT").incrby("u8", f"#{batch_id}", 1).execute()
+        self.r.expire(key, self.ttl_s)
         return int(n)
 
     def delivery_counts(self, job_id: str) -> dict[int, int]:
         """Batch id -> how many deliveries started it, for the batches that had one."""
-        raw = self.r.get(keys.deliveries(job_id)) or b""
-        return {batch_id: n for batch_id, n in enumerate(raw) if n}
+        raw = self.r.get(keys.deliveries(job_id))
+        counts = bytes(raw) if isinstance(raw, bytes | bytearray) else b""
+        return {batch_id: n for batch_id, n in enumerate(counts) if n}
 
     def claim_batch(self, job_id: str, batch_id: int, indices: Sequence[int], *, token: str, lease_ms: int,
                     take_over: bool = False) -> Claim:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -20,6 +21,12 @@ from model.demo_data import write_imagefolder
 from model.train import TrainConfig, train
 from producer.demo import serve_directory
 from tests.support import Cluster, ImageSite, settings_for
+
+# A suite started in the background of a non-interactive shell inherits SIGINT ignored, and so would every
+# `imgq` subprocess it starts: the Ctrl-C tests would then test nothing. Give SIGINT its Python handler
+# (children get the default action back at exec).
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")

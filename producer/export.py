@@ -27,14 +27,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from imgq.jobs import JobStore, result_record
+from imgq.jobs import RECORD_FIELDS, JobStore
 
 FORMATS = ("jsonl", "csv", "parquet")
 # What -o's extension says when --format does not.
 _EXTENSIONS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet",
                ".pq": "parquet"}
 CSV_FIELDS = ("index", "url", "label", "confidence", "model_version", "error_code", "error_message")
-RECORD_FIELDS = tuple(result_record(0, ""))  # the record's own fields; anything else is an extra column
 # Parquet rows per row group (and records read from Redis per write): bounds the exporter's memory.
 ROW_GROUP = 65_536
 

@@ -153,7 +153,8 @@ class LocalCluster:
         for w in self.workers:
             w.check_alive()
 
-    def stop(self) -> None:
+    def stop_workers(self) -> None:
+        """Stop every worker (SIGKILL with ``kill_on_stop``, else a warm shutdown) and wait for them."""
         # All at once: each worker's shutdown takes a while, and they need not take turns.
         for w in self.workers:
             if self.kill_on_stop:
@@ -163,6 +164,9 @@ class LocalCluster:
         for w in self.workers:
             w.wait_stopped()
         self.workers.clear()
+
+    def stop(self) -> None:
+        self.stop_workers()
         self.app.close()
         if self.redis is not None:
             self.redis.stop()

@@ -69,7 +69,9 @@ def run_job(urls: Iterable[str], out: TextIO, *, settings: Settings, workers: in
             try:
                 status = wait_for_job(store, job_id, progress=progress, alive=cluster.check_alive, repair=repair)
             except KeyboardInterrupt:
-                _kill_workers(cluster)
+                # Stopped (killed: kill_on_stop) before the results are read: a result written while they are
+                # read could land in neither the output nor the remaining file. Their Redis goes with this run.
+                cluster.stop_workers()
                 raise _keep_what_is_done(store, job_id, out, fmt, reread, output_name, remaining_path,
                                          columns) from None
             seconds = time.monotonic() - start
@@ -77,15 +79,6 @@ def run_job(urls: Iterable[str], out: TextIO, *, settings: Settings, workers: in
         finally:
             store.r.close()
     return RunReport(job_id=job_id, total=status.total, summary=summary, seconds=seconds)
-
-
-def _kill_workers(cluster: LocalCluster) -> None:
-    """Stop the local workers at once, before the results are read: a result written while they are read could
-    land in neither the output nor the remaining file. Nothing is lost: their Redis goes with this run."""
-    for worker in cluster.workers:
-        if worker.proc.poll() is None:
-            worker.proc.kill()
-            worker.proc.wait()
 
 
 def _keep_what_is_done(store: JobStore, job_id: str, out: TextIO, fmt: str,

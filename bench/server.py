@@ -77,21 +77,26 @@ class ImageServer:
     pid: int
 
 
+def wait_listening(proc: subprocess.Popen[bytes], port: int, what: str, timeout_s: float = 30) -> None:
+    """Until ``proc`` accepts connections on 127.0.0.1:``port``; ImgqError if it exits or takes too long."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise ImgqError(f"{what} did not start on port {port}") from None
+            time.sleep(0.05)
+
+
 @contextmanager
 def serve_images(root: Path) -> Iterator[ImageServer]:
     """Serve ``root``'s ``*.jpg`` from a child process."""
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "bench.server", str(root), str(port)])
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise ImgqError(f"bench image server did not start on port {port}") from None
-                time.sleep(0.05)
+        wait_listening(proc, port, "bench image server")
         yield ImageServer(f"http://127.0.0.1:{port}", proc.pid)
     finally:
         proc.terminate()

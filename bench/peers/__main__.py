@@ -6,7 +6,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,8 @@ from typing import Any
 
 import bench.peers  # noqa: F401  (telemetry off before anything imports daft)
 from bench.images import DATA_DIR, write_images
+from bench.server import wait_listening
+from imgq.errors import ImgqError
 from imgq.redis_server import free_port
 
 ROWS = ("ceiling", "daft", "imgq run", "imgq cluster", "tutorial")
@@ -68,15 +69,10 @@ def http_server(root: Path) -> Iterator[str]:
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "bench.peers.httpserver", str(root), str(port)])
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit(f"bench.peers: the image server did not start on port {port}") from None
-                time.sleep(0.05)
+        try:
+            wait_listening(proc, port, "bench.peers: the image server")
+        except ImgqError as exc:
+            raise SystemExit(str(exc)) from None
         yield f"http://127.0.0.1:{port}"
     finally:
         proc.terminate()

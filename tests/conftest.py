@@ -103,3 +103,17 @@ def make_cluster(model_dir: Path, tmp_path: Path) -> Iterator[Callable[..., Clus
     for cluster, server in made:
         cluster.stop()
         server.stop()
+
+
+@pytest.fixture
+def lifecycle(model_dir: Path, tmp_path: Path) -> Iterator[Cluster]:
+    """A private Redis and a private copy of the registry: for tests that change the champion.
+
+    Generous fetch budgets: those tests train or add models on the cores the worker uses."""
+    models = tmp_path / "models"
+    shutil.copytree(model_dir, models)
+    with RedisServer() as server:
+        c = Cluster(settings_for(server.url, models, IMGQ_RELOAD_CHECK="0.2", IMGQ_FETCH_TIMEOUT="30",
+                                 IMGQ_VISIBILITY_TIMEOUT="60", IMGQ_TASK_TIME_LIMIT="50"), tmp_path)
+        yield c
+        c.stop()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -134,3 +135,19 @@ def every_index_once(cluster: Cluster, job: str, n: int) -> list[dict[str, objec
     results = cluster.results(job)
     assert [r["index"] for r in results] == list(range(n))
     return results
+
+
+def copy_of_champion(models: Path) -> tuple[str, Path]:
+    """The champion's version id, and a copy of its version directory under a new id (its meta.json says so)
+    for a test to damage."""
+    from model.pointer import champion_version
+    from model.registry import version_dir
+
+    good = champion_version(models)
+    assert good is not None
+    bad = good[:-8] + "0badf00d"
+    shutil.copytree(version_dir(models, good), version_dir(models, bad))
+    meta = json.loads((version_dir(models, bad) / "meta.json").read_text())
+    meta["version"] = bad
+    (version_dir(models, bad) / "meta.json").write_text(json.dumps(meta))
+    return good, version_dir(models, bad)

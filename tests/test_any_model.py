@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import warnings
 import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,14 +19,13 @@ import torch
 from PIL import Image
 from torch import nn
 
-from imgq.redis_server import RedisServer
 from model.archive import check_export_archive
 from model.checkpoint import ArtifactError, load_checkpoint
 from model.meta import EXPORT, TORCHSCRIPT, ModelMeta
 from model.pointer import champion_version
 from model.registry import import_archive, list_versions, version_dir
 from producer.demo import serve_directory
-from tests.support import Cluster, closed_port_url, settings_for, wait_until
+from tests.support import Cluster, closed_port_url, wait_until
 
 COLOURS = ("red", "green", "blue")
 SIZE = 32
@@ -273,31 +271,18 @@ def test_add_with_data_runs_the_gate_and_without_data_promote_is_the_override(
 # Served by a real worker, hot-reloaded
 
 
-@pytest.fixture
-def serving(model_dir: Path, tmp_path: Path) -> Iterator[Cluster]:
-    """A worker serving the session's trained CNN from a private registry copy, on a private Redis."""
-    models = tmp_path / "models"
-    shutil.copytree(model_dir, models)
-    with RedisServer() as server:
-        # Generous fetch budgets, as the lifecycle tests': `imgq models add` shares the cores with the worker.
-        c = Cluster(settings_for(server.url, models, IMGQ_RELOAD_CHECK="0.2", IMGQ_FETCH_TIMEOUT="30",
-                                 IMGQ_VISIBILITY_TIMEOUT="60", IMGQ_TASK_TIME_LIMIT="50"), tmp_path)
-        yield c
-        c.stop()
-
-
-def test_a_worker_hot_reloads_to_an_added_model_and_labels_with_its_classes(serving: Cluster, tmp_path: Path) -> None:
+def test_a_worker_hot_reloads_to_an_added_model_and_labels_with_its_classes(lifecycle: Cluster, tmp_path: Path) -> None:
     site = tmp_path / "site"
     truth = write_colour_images(site, per_class=4)
-    serving.start_worker()
-    serving.wait_ready()
-    env = serving.settings.to_env()
+    lifecycle.start_worker()
+    lifecycle.wait_ready()
+    env = lifecycle.settings.to_env()
     with serve_directory(site) as base:
         urls = [f"{base}/{name}" for name in truth]
-        before = serving.submit(urls)
-        serving.wait(before)
-        trained = {str(r["model_version"]) for r in serving.results(before)}
-        assert trained == {champion_version(serving.settings.model_dir)}
+        before = lifecycle.submit(urls)
+        lifecycle.wait(before)
+        trained = {str(r["model_version"]) for r in lifecycle.results(before)}
+        assert trained == {champion_version(lifecycle.settings.model_dir)}
 
         archives = (save_export(ColourNet(), tmp_path / "colour.pt2"), save_torchscript(ColourNet(), tmp_path / "c.ts"))
         for archive in archives:
@@ -307,9 +292,9 @@ def test_a_worker_hot_reloads_to_an_added_model_and_labels_with_its_classes(serv
             assert version not in trained
 
             def served_by_new(version: str = version) -> bool:
-                job = serving.submit(urls)
-                serving.wait(job)
-                results = serving.results(job)
+                job = lifecycle.submit(urls)
+                lifecycle.wait(job)
+                results = lifecycle.results(job)
                 if {r["model_version"] for r in results} != {version}:
                     return False  # the worker checks the pointer between batches: a batch or two may be old
                 assert all(r["error"] is None and len(r["topk"]) == 3 for r in results), results  # type: ignore[arg-type]
@@ -317,4 +302,4 @@ def test_a_worker_hot_reloads_to_an_added_model_and_labels_with_its_classes(serv
                 return True
 
             wait_until(served_by_new, 180, f"the worker to serve {archive.name} ({version})", poll_s=0.5)
-    assert "refused model" not in "".join(w.log_tail() for w in serving.workers)
+    assert "refused model" not in "".join(w.log_tail() for w in lifecycle.workers)

@@ -6,11 +6,9 @@ import csv
 import io
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,27 +16,14 @@ from PIL import Image
 
 from cli.lifecycle import follow_retrain, trigger_retrain
 from imgq import keys
-from imgq.redis_server import RedisServer
 from model.champion import CHAMPION_KEY, Champion
 from model.checkpoint import WEIGHTS_FILE
 from model.pointer import champion_version
 from model.registry import list_versions, version_dir
 from model.report import CONFUSION_FILE, CURVES_FILE, METRICS_FILE
 from model.retrain import RetrainRequest, events_key
-from tests.support import Cluster, ImageSite, closed_port_url, settings_for
+from tests.support import Cluster, ImageSite, closed_port_url, copy_of_champion
 from worker.manifest import read_manifest
-
-
-@pytest.fixture
-def lifecycle(model_dir: Path, tmp_path: Path) -> Iterator[Cluster]:
-    """A private Redis and a private copy of the registry: these tests change the champion."""
-    models = tmp_path / "models"
-    shutil.copytree(model_dir, models)
-    with RedisServer() as server:
-        c = Cluster(settings_for(server.url, models, IMGQ_RELOAD_CHECK="0.2", IMGQ_FETCH_TIMEOUT="30",
-                                 IMGQ_VISIBILITY_TIMEOUT="60", IMGQ_TASK_TIME_LIMIT="50"), tmp_path)
-        yield c
-        c.stop()
 
 
 def imgq(*args: str, cluster: Cluster, timeout: float = 240) -> subprocess.CompletedProcess[str]:
@@ -144,14 +129,9 @@ def test_gate_holds_back_a_worse_model_promote_overrides_and_rollback_restores(
 def test_a_corrupt_champion_is_refused_and_the_old_model_keeps_serving(
         lifecycle: Cluster, image_site: ImageSite, damage: str) -> None:
     models = lifecycle.settings.model_dir
-    good = champion_version(models)
-    assert good is not None
-    bad = good[:-8] + "0badf00d"
-    shutil.copytree(version_dir(models, good), version_dir(models, bad))
-    meta = json.loads((version_dir(models, bad) / "meta.json").read_text())
-    meta["version"] = bad
-    (version_dir(models, bad) / "meta.json").write_text(json.dumps(meta))
-    weights = version_dir(models, bad) / WEIGHTS_FILE
+    good, copy = copy_of_champion(models)
+    bad = copy.name
+    weights = copy / WEIGHTS_FILE
     if damage == "truncated":
         weights.write_bytes(weights.read_bytes()[:1000])
     elif damage == "pickle":

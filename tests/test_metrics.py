@@ -3,7 +3,6 @@ queue metrics on a real backlog and a Redis that never answers; reload failures 
 
 from __future__ import annotations
 
-import json
 import shutil
 import socket
 import threading
@@ -25,9 +24,8 @@ from imgq.settings import Settings
 from model.champion import Champion
 from model.checkpoint import WEIGHTS_FILE
 from model.pointer import champion_version
-from model.registry import version_dir
 from model.retrain import RetrainRequest
-from tests.support import Cluster, ImageSite, closed_port_url, wait_until
+from tests.support import Cluster, ImageSite, closed_port_url, copy_of_champion, wait_until
 from worker import metrics
 from worker.model_watch import ModelWatcher
 
@@ -135,14 +133,9 @@ def test_a_scrape_never_hangs_on_a_redis_that_does_not_answer() -> None:
 def test_a_refused_champion_counts_one_load_failure(model_dir: Path, tmp_path: Path) -> None:
     models = tmp_path / "models"
     shutil.copytree(model_dir, models)
-    good = champion_version(models)
-    assert good is not None
-    bad = good[:-8] + "0badf00d"
-    shutil.copytree(version_dir(models, good), version_dir(models, bad))
-    meta = json.loads((version_dir(models, bad) / "meta.json").read_text())
-    meta["version"] = bad
-    (version_dir(models, bad) / "meta.json").write_text(json.dumps(meta))
-    weights = version_dir(models, bad) / WEIGHTS_FILE
+    good, copy = copy_of_champion(models)
+    bad = copy.name
+    weights = copy / WEIGHTS_FILE
     weights.write_bytes(weights.read_bytes()[:1000])  # truncated
     with RedisServer() as server:
         store = JobStore.from_url(server.url, ttl_s=60)

@@ -86,6 +86,9 @@ class Settings:
     amp: str = field(default="auto", metadata=_env("IMGQ_AMP"))
     # torch.compile the model: faster forwards after a compile of seconds per batch shape; off by default.
     compile: bool = field(default=False, metadata=_env("IMGQ_COMPILE"))
+    # CPU: serve the model as a frozen TorchScript graph (BatchNorm folded, oneDNN-prepacked weights), checked
+    # against the module on a probe batch at load; 0 serves the module as it is.
+    optimize: bool = field(default=True, metadata=_env("IMGQ_OPTIMIZE"))
     # Decode JPEGs on the GPU (nvJPEG via torchvision); other formats, and JPEGs it refuses, use Pillow.
     # Off by default: GPU resizing differs from Pillow's by rounding, so labels can differ at the margin.
     gpu_decode: bool = field(default=False, metadata=_env("IMGQ_GPU_DECODE"))

@@ -106,6 +106,42 @@ def test_channels_last_changes_no_prediction_and_amp_is_off_on_cpu() -> None:
     assert [p[0][0] for p in plain.predict(batch)] == [p[0][0] for p in fast.predict(batch)]
 
 
+def test_frozen_graph_serves_the_same_answers_for_any_batch_size_and_leaves_the_module_alone() -> None:
+    plain, frozen = _classifier(optimize=False), _classifier()
+    assert isinstance(frozen._forward, torch.jit.ScriptModule) and frozen.module is not frozen._forward
+    assert plain._forward is plain.module and not isinstance(plain.module, torch.jit.ScriptModule)
+    generator = torch.Generator().manual_seed(1)
+    for rows in (1, 3, 17, 64):  # traced on a batch of 4: other sizes must run and agree too
+        batch = torch.randn(rows, 3, 64, 64, generator=generator)
+        assert torch.allclose(plain.logits(batch), frozen.logits(batch), atol=1e-4)
+        assert [p[0][0] for p in plain.predict(batch)] == [p[0][0] for p in frozen.predict(batch)]
+    torch.manual_seed(0)  # what _classifier does before its Classifier: the RNG state freezing must leave as is
+    build_model(ModelConfig())
+    want = torch.random.get_rng_state()
+    _classifier(optimize=True)
+    assert torch.equal(torch.random.get_rng_state(), want)
+
+
+def test_a_module_that_cannot_be_frozen_is_served_as_it_is(caplog: pytest.LogCaptureFixture) -> None:
+    class Untraceable(torch.nn.Module):  # returns a dict: torch.jit.trace refuses it
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = build_model(ModelConfig())
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out: torch.Tensor = self.inner(x)
+            if torch.jit.is_tracing():  # type: ignore[attr-defined,no-untyped-call]
+                return {"logits": out}  # type: ignore[return-value]
+            return out
+
+    meta = _classifier().meta
+    with caplog.at_level("WARNING", logger="model.classifier"):
+        c = Classifier(Untraceable().eval(), meta, "cpu", ServingOptions())
+    assert c._forward is c.module
+    assert "served without freezing" in caplog.text
+    assert len(c.predict(torch.randn(2, 3, 64, 64))) == 2
+
+
 def test_configure_serving_applies_to_models_loaded_later_and_checks_amp() -> None:
     try:
         configure_serving(ServingOptions(channels_last=False))

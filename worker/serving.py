@@ -64,7 +64,7 @@ class Serving:
         if threads:
             torch.set_num_threads(threads)
         # Before any model loads: hot-reloaded models get the same options.
-        configure_serving(ServingOptions(amp=settings.amp, compile=settings.compile))
+        configure_serving(ServingOptions(amp=settings.amp, compile=settings.compile, optimize=settings.optimize))
         self.redis = redis_conn.connect(settings.redis_url, socket_connect_timeout=5, socket_timeout=10)
         self._models = ModelWatcher(Champion(settings.model_dir, self.redis), self.device,
                                     check_every_s=settings.reload_check_s)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import random
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -80,6 +81,13 @@ def test_the_crafted_jpeg_is_small_with_thousands_of_scans(crafted: bytes) -> No
 def test_the_scan_count_matches_the_marker_structure(make: Callable[[], bytes]) -> None:
     data = make()
     assert jpeg_scans(data) == scan_count(data) >= 1
+
+
+@pytest.mark.parametrize("data", [b"", b"\xff", b"\xda", b"\xff\xda", b"\xda\xff\xda\xff", b"\xff\xff\xda\xda",
+                                  random.Random(0).randbytes(1 << 16) + b"\xff\xda"],
+                         ids=["empty", "ff", "da", "one", "edges", "fill", "noise-and-last"])
+def test_the_scan_count_is_bytes_count_of_the_marker(data: bytes) -> None:
+    assert jpeg_scans(data) == data.count(b"\xff\xda")
 
 
 def test_decode_refuses_too_many_scans_before_pillow_sees_the_bytes(crafted: bytes,

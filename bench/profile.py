@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import time
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import psutil
@@ -26,7 +27,7 @@ import psutil
 from bench.e2e import run_job
 from bench.images import DATA_DIR, write_images
 from bench.models import ensure_model
-from bench.server import serve_images
+from bench.server import ImageServer, serve_images
 from imgq.jobs import JobStore
 from imgq.local import LocalCluster
 from imgq.redis_server import RedisServer
@@ -80,13 +81,22 @@ def thread_cpu(pid: int, names: dict[int, str]) -> dict[str, tuple[float, float]
     return out
 
 
-def profile_worker(model: str, images: int, native: bool, rate: int) -> None:
+def profile_worker(model: str, images: int, native: bool, rate: int, peers: bool) -> None:
+    """``peers``: bench.peers' job instead (its 600 images, its TorchScript model, its HTTP/1.0 server)."""
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     OUT.mkdir(parents=True, exist_ok=True)
-    files = write_images(120)
-    settings = Settings.from_env().replace(model_dir=ensure_model(model, DATA_DIR), allow_networks=("127.0.0.0/8",))
-    with serve_images(DATA_DIR) as server, LocalCluster(settings, workers=1) as cluster:
-        urls = [f"{server.base}/{files[i % len(files)].name}?i={i}" for i in range(images)]
+    files = write_images(600 if peers else 120)
+    server: AbstractContextManager[str | ImageServer]
+    if peers:
+        from bench.peers.__main__ import WORK, http_server, prepare_model
+
+        model, model_dir, server = "peers", prepare_model(WORK)[1], http_server(DATA_DIR)
+    else:
+        model_dir, server = ensure_model(model, DATA_DIR), serve_images(DATA_DIR)
+    settings = Settings.from_env().replace(model_dir=model_dir, allow_networks=("127.0.0.0/8",))
+    with server as served, LocalCluster(settings, workers=1) as cluster:
+        base = served if isinstance(served, str) else served.base
+        urls = [f"{base}/{files[i % len(files)].name}?i={i}" for i in range(images)]
         store = JobStore.from_url(cluster.settings.redis_url, ttl_s=3600)
         pid = cluster.workers[0].proc.pid
         run_job(cluster, store, urls[:64])  # warm
@@ -138,11 +148,12 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--images", type=int, default=4000)
     w.add_argument("--rate", type=int, default=200, help="samples/s")
     w.add_argument("--native", action="store_true", help="include C/C++ frames (torch, Pillow)")
+    w.add_argument("--peers", action="store_true", help="bench.peers' job: its images, model and HTTP/1.0 server")
     s = sub.add_parser("submit", help="pyinstrument on imgq submit")
     s.add_argument("--urls", type=int, default=200_000)
     args = parser.parse_args(argv)
     if args.what == "worker":
-        profile_worker(args.model, args.images, args.native, args.rate)
+        profile_worker(args.model, args.images, args.native, args.rate, args.peers)
     else:
         profile_submit(args.urls)
     return 0

@@ -23,6 +23,7 @@ from imgq.redis_server import RedisServer, free_port
 from imgq.settings import Settings
 from model.champion import Champion
 from model.checkpoint import WEIGHTS_FILE
+from model.classifier import Classifier
 from model.pointer import champion_version
 from model.retrain import RetrainRequest
 from tests.support import Cluster, ImageSite, closed_port_url, copy_of_champion, wait_until
@@ -147,6 +148,35 @@ def test_a_refused_champion_counts_one_load_failure(model_dir: Path, tmp_path: P
         assert watcher.current().version == good  # and not tried again, so not counted again
         store.r.close()
     assert bad in watcher.refused
+    assert REGISTRY.get_sample_value("imgq_model_load_failures_total") == before + 1
+
+
+def test_a_new_champion_is_warmed_up_before_a_batch_sees_it_and_refused_if_it_cannot_run(
+        model_dir: Path, tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    shutil.copytree(model_dir, models)
+    good, copy = copy_of_champion(models)
+    warmed: list[str] = []
+
+    def warm_up(model: Classifier) -> None:  # what Serving.warm_model does, and a record of it
+        size = model.meta.input_size
+        model.predict(torch.zeros(2, 3, size, size))
+        warmed.append(model.version)
+        if len(warmed) > 1:
+            raise RuntimeError("the second new model cannot run")
+
+    with RedisServer() as server:
+        store = JobStore.from_url(server.url, ttl_s=60)
+        champion = Champion(models, store.r)
+        watcher = ModelWatcher(champion, torch.device("cpu"), check_every_s=0, warm_up=warm_up)
+        assert warmed == []  # the first model is the engine's to warm, with the decoder (Serving.warm_up)
+        champion.set(copy.name)
+        assert watcher.current().version == copy.name and warmed == [copy.name]
+        before = REGISTRY.get_sample_value("imgq_model_load_failures_total") or 0.0
+        champion.set(good)
+        assert watcher.current().version == copy.name  # its warm-up failed: the warm model keeps serving
+        store.r.close()
+    assert warmed == [copy.name, good] and good in watcher.refused
     assert REGISTRY.get_sample_value("imgq_model_load_failures_total") == before + 1
 
 

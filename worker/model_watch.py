@@ -2,7 +2,8 @@
 
 A batch reads ``current()`` once and keeps that object, so it never mixes versions. A new champion whose
 artifact is refused (truncated, mis-shaped, NaNs, not safetensors) is logged and skipped; the model
-already loaded keeps serving.
+already loaded keeps serving. A new model is warmed up (``warm_up``: its first forward passes allocate and
+pick kernels) before any batch sees it, so the first batch after a reload is as fast as the ones after it.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 import redis
 import torch
@@ -26,10 +28,12 @@ log = logging.getLogger(__name__)
 
 
 class ModelWatcher:
-    def __init__(self, champion: Champion, device: torch.device, *, check_every_s: float) -> None:
+    def __init__(self, champion: Champion, device: torch.device, *, check_every_s: float,
+                 warm_up: Callable[[Classifier], None] | None = None) -> None:
         self.champion = champion
         self.device = device
         self.check_every_s = check_every_s
+        self._warm_up = warm_up
         self.refused: dict[str, str] = {}  # version -> why; not retried
         self._lock = threading.Lock()
         version = champion.get()
@@ -58,7 +62,9 @@ class ModelWatcher:
             return
         try:
             model = load_checkpoint(version_dir(self.champion.model_dir, version), self.device)
-        except (ImgqError, OSError) as exc:
+            if self._warm_up is not None:
+                self._warm_up(model)
+        except (ImgqError, OSError, RuntimeError) as exc:  # RuntimeError: torch's, from the warm-up's forward
             self.refused[version] = str(exc)
             metrics.count_model_load_failure()
             log.error("refused model %s: %s; still serving %s", version, exc, self._model.version)

@@ -81,8 +81,9 @@ def thread_cpu(pid: int, names: dict[int, str]) -> dict[str, tuple[float, float]
     return out
 
 
-def profile_worker(model: str, images: int, native: bool, rate: int, peers: bool) -> None:
-    """``peers``: bench.peers' job instead (its 600 images, its TorchScript model, its HTTP/1.0 server)."""
+def profile_worker(model: str, images: int, native: bool, rate: int, peers: bool, gil: bool) -> None:
+    """``peers``: bench.peers' job instead (its 600 images, its TorchScript model, its HTTP/1.0 server).
+    ``gil``: sample only the thread holding the GIL (what serialises the others)."""
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     OUT.mkdir(parents=True, exist_ok=True)
     files = write_images(600 if peers else 120)
@@ -103,7 +104,8 @@ def profile_worker(model: str, images: int, native: bool, rate: int, peers: bool
         stem = OUT / f"worker-{model}"
         cmd = [py_spy, "record", "--pid", str(pid), "--rate", str(rate), "--threads", "--format", "raw",
                "--output", f"{stem}.txt", "--nonblocking"]
-        spy = subprocess.Popen([*cmd, *(["--native"] if native else [])], stdout=subprocess.DEVNULL)
+        spy = subprocess.Popen([*cmd, *(["--native"] if native else []), *(["--gil"] if gil else [])],
+                           stdout=subprocess.DEVNULL)
         time.sleep(1.0)  # py-spy attaches
         names = thread_names(py_spy, pid)
         before = thread_cpu(pid, names)
@@ -149,11 +151,12 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--rate", type=int, default=200, help="samples/s")
     w.add_argument("--native", action="store_true", help="include C/C++ frames (torch, Pillow)")
     w.add_argument("--peers", action="store_true", help="bench.peers' job: its images, model and HTTP/1.0 server")
+    w.add_argument("--gil", action="store_true", help="only samples holding the GIL")
     s = sub.add_parser("submit", help="pyinstrument on imgq submit")
     s.add_argument("--urls", type=int, default=200_000)
     args = parser.parse_args(argv)
     if args.what == "worker":
-        profile_worker(args.model, args.images, args.native, args.rate, args.peers)
+        profile_worker(args.model, args.images, args.native, args.rate, args.peers, args.gil)
     else:
         profile_submit(args.urls)
     return 0

@@ -29,6 +29,13 @@ from model.classifier import Classifier
 from worker.decode import prepare_image
 
 
+def bound_ips(ceiling_ips: float, server_cpu_ms_per_image: float, cores: int | None = None) -> float:
+    """The ceiling once an image server on the same cores spends ``server_cpu_ms_per_image`` per request:
+    1 / (1/ceiling + server CPU per image / cores). No system that fetches its images from that server here
+    does better, whatever its own costs."""
+    return 1 / (1 / ceiling_ips + server_cpu_ms_per_image / 1000 / (cores or os.cpu_count() or 1))
+
+
 @dataclass(frozen=True)
 class Config:
     batch_size: int

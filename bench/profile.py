@@ -87,7 +87,7 @@ def profile_worker(model: str, images: int, native: bool, rate: int, peers: bool
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     OUT.mkdir(parents=True, exist_ok=True)
     files = write_images(600 if peers else 120)
-    server: AbstractContextManager[str | ImageServer]
+    server: AbstractContextManager[ImageServer]
     if peers:
         from bench.peers.__main__ import WORK, http_server, prepare_model
 
@@ -96,8 +96,7 @@ def profile_worker(model: str, images: int, native: bool, rate: int, peers: bool
         model_dir, server = ensure_model(model, DATA_DIR), serve_images(DATA_DIR)
     settings = Settings.from_env().replace(model_dir=model_dir, allow_networks=("127.0.0.0/8",))
     with server as served, LocalCluster(settings, workers=1) as cluster:
-        base = served if isinstance(served, str) else served.base
-        urls = [f"{base}/{files[i % len(files)].name}?i={i}" for i in range(images)]
+        urls = [f"{served.base}/{files[i % len(files)].name}?i={i}" for i in range(images)]
         store = JobStore.from_url(cluster.settings.redis_url, ttl_s=3600)
         pid = cluster.workers[0].proc.pid
         run_job(cluster, store, urls[:64])  # warm

@@ -18,7 +18,7 @@ from torch import nn
 
 import bench.peers
 from bench.images import write_images
-from bench.peers.__main__ import http_server
+from bench.peers.__main__ import bound, http_server, table
 from bench.peers.rows import _pixels
 
 CLASSES = ["red", "green", "blue"]
@@ -40,8 +40,8 @@ def job(tmp_path_factory: pytest.TempPathFactory) -> Any:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         torch.jit.script(Brightest()).save(str(ts))  # type: ignore[no-untyped-call]
-    with http_server(work / "images") as base:
-        urls = [f"{base}/{f.name}?k={k}" for k in range(7) for f in files]
+    with http_server(work / "images") as server:
+        urls = [f"{server.base}/{f.name}?k={k}" for k in range(7) for f in files]
         (work / "urls.txt").write_text("\n".join(urls) + "\n")
         spec = {"urls_file": str(work / "urls.txt"), "model_ts": str(ts), "model_dir": str(work / "models"),
                 "classes": CLASSES, "input_size": SIZE, "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0],
@@ -83,3 +83,19 @@ def test_the_daft_row_labels_every_url_with_telemetry_off(job: Any) -> None:
     assert result["images"] == len(urls)
     assert result["labels"] == expected(files, urls, draft=True)  # Pillow's draft mode, as the UDF decodes
     assert result["ips"] > 0 and result["daft"]
+
+
+def test_the_bound_is_the_ceiling_with_the_servers_cpu_sharing_the_cores() -> None:
+    cores = os.cpu_count() or 1
+    row = {"wall_s": 1.0, "images": 100, "load_before": 0.0, "load_after": 0.0, "machine_idle_pct": 5.0}
+    results = {"ceiling": {**row, "ips": 400.0}, "daft": {**row, "ips": 300.0, "server_cpu_ms_per_image": 0.9},
+               "imgq cluster": {**row, "ips": 320.0, "server_cpu_ms_per_image": 0.8},
+               "imgq run": {**row, "ips": 310.0, "server_cpu_ms_per_image": 1.0}}
+    server_ms, bound_ips = bound(results) or (0.0, 0.0)
+    assert server_ms == 0.9  # the median of the rows that fetched
+    assert bound_ips == pytest.approx(1 / (1 / 400 + 0.0009 / cores))
+    printed = table(results)
+    assert f"bound: {bound_ips:.1f} img/s" in printed
+    assert f"1.3x daft = 390.0 img/s = {390 / bound_ips:.2f}x the bound" in printed
+    assert f"imgq cluster / bound: {320 / bound_ips:.2f}x" in printed
+    assert bound({"daft": results["daft"]}) is None  # no ceiling row: no bound

@@ -15,9 +15,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 import bench.peers  # noqa: F401  (telemetry off before anything imports daft)
+from bench.ceiling import bound_ips
 from bench.images import DATA_DIR, write_images
-from bench.server import wait_listening
+from bench.server import ImageServer, wait_listening
 from imgq.errors import ImgqError
 from imgq.redis_server import free_port
 
@@ -65,7 +68,7 @@ def prepare_model(work: Path) -> tuple[Path, Path, list[str]]:
 
 
 @contextmanager
-def http_server(root: Path) -> Iterator[str]:
+def http_server(root: Path) -> Iterator[ImageServer]:
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "bench.peers.httpserver", str(root), str(port)])
     try:
@@ -73,19 +76,26 @@ def http_server(root: Path) -> Iterator[str]:
             wait_listening(proc, port, "bench.peers: the image server")
         except ImgqError as exc:
             raise SystemExit(str(exc)) from None
-        yield f"http://127.0.0.1:{port}"
+        yield ImageServer(f"http://127.0.0.1:{port}", proc.pid)
     finally:
         proc.terminate()
         proc.wait(timeout=10)
 
 
-def run_row(row: str, spec: dict[str, Any], work: Path, timeout_s: float) -> dict[str, Any]:
-    """``row`` in a fresh interpreter (its own imports and threads), bounded by ``timeout_s``."""
+def _cpu_s(pid: int) -> float:
+    times = psutil.Process(pid).cpu_times()
+    return float(times.user + times.system)
+
+
+def run_row(row: str, spec: dict[str, Any], work: Path, timeout_s: float, server_pid: int) -> dict[str, Any]:
+    """``row`` in a fresh interpreter (its own imports and threads), bounded by ``timeout_s``. Also measured
+    around it: the image server's CPU and how idle the machine was (the row's start-up included)."""
     name = row.replace(" ", "-")
     spec_path, out_path = work / f"{name}.spec.json", work / f"{name}.out.json"
     spec_path.write_text(json.dumps(spec))
     out_path.unlink(missing_ok=True)
     load_before = os.getloadavg()[0]
+    server_before, machine_before = _cpu_s(server_pid), psutil.cpu_times()
     start = time.perf_counter()
     try:
         proc = subprocess.run([sys.executable, "-m", "bench.peers.rows", row, str(spec_path), str(out_path)],
@@ -95,6 +105,11 @@ def run_row(row: str, spec: dict[str, Any], work: Path, timeout_s: float) -> dic
     result: dict[str, Any] = (json.loads(out_path.read_text()) if proc.returncode == 0 and out_path.is_file()
                               else {"error": (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]})
     result["process_s"] = round(time.perf_counter() - start, 2)
+    machine_after = psutil.cpu_times()
+    busy = sum(machine_after) - sum(machine_before)
+    result["machine_idle_pct"] = round(100 * (machine_after.idle - machine_before.idle) / busy, 1) if busy else None
+    if "images" in result and row != "ceiling":  # the ceiling fetches nothing: the server's CPU is idle noise
+        result["server_cpu_ms_per_image"] = round(1000 * (_cpu_s(server_pid) - server_before) / result["images"], 3)
     result["load_before"], result["load_after"] = round(load_before, 2), round(os.getloadavg()[0], 2)
     return result
 
@@ -105,21 +120,49 @@ def agreement(labels: Sequence[str | None], reference: Sequence[str | None]) -> 
 
 
 def table(results: dict[str, dict[str, Any]]) -> str:
-    lines = [f"{'system':<14}{'img/s':>9}{'wall s':>9}{'images':>8}{'labelled':>10}{'load':>12}  note"]
+    lines = [f"{'system':<14}{'img/s':>9}{'wall s':>9}{'images':>8}{'labelled':>10}{'load':>12}{'idle %':>8}"
+             f"{'server ms':>10}  note"]
     for row, r in results.items():
         if "error" in r:
-            lines.append(f"{row:<14}{'-':>9}{'-':>9}{'-':>8}{'-':>10}{'':>12}  failed: {r['error']}")
+            lines.append(f"{row:<14}{'-':>9}{'-':>9}{'-':>8}{'-':>10}{'':>12}{'':>8}{'':>10}  failed: {r['error']}")
             continue
         labelled = sum(label is not None for label in r.get("labels", [])) if "labels" in r else r["images"]
         load = f"{r['load_before']:.1f}->{r['load_after']:.1f}"
-        lines.append(f"{row:<14}{r['ips']:>9.1f}{r['wall_s']:>9.1f}{r['images']:>8}{labelled:>10}{load:>12}  "
-                     f"{r.get('note', '')}")
+        idle = "-" if r.get("machine_idle_pct") is None else f"{r['machine_idle_pct']:.0f}"
+        server = "-" if "server_cpu_ms_per_image" not in r else f"{r['server_cpu_ms_per_image']:.2f}"
+        lines.append(f"{row:<14}{r['ips']:>9.1f}{r['wall_s']:>9.1f}{r['images']:>8}{labelled:>10}{load:>12}"
+                     f"{idle:>8}{server:>10}  {r.get('note', '')}")
     ips = {row: r["ips"] for row, r in results.items() if "ips" in r}
     for imgq_row in ("imgq run", "imgq cluster"):
         for other in ("daft", "ceiling"):
             if imgq_row in ips and other in ips:
                 lines.append(f"{imgq_row} / {other}: {ips[imgq_row] / ips[other]:.2f}x")
+    found = bound(results)
+    if found is not None:
+        server_ms, bound_ips = found
+        lines.append(f"bound: {bound_ips:.1f} img/s, the ceiling with the image server's {server_ms:.2f} ms of CPU per "
+                     f"request on the same {os.cpu_count()} cores (any system that fetches does no better)")
+        if "daft" in ips:
+            goal = GOAL_OVER_DAFT * ips["daft"]
+            lines.append(f"{GOAL_OVER_DAFT}x daft = {goal:.1f} img/s = {goal / bound_ips:.2f}x the bound")
+        for imgq_row in ("imgq run", "imgq cluster"):
+            if imgq_row in ips:
+                lines.append(f"{imgq_row} / bound: {ips[imgq_row] / bound_ips:.2f}x")
     return "\n".join(lines)
+
+
+GOAL_OVER_DAFT = 1.3  # issue 14's goal for imgq against Daft
+
+
+def bound(results: dict[str, dict[str, Any]]) -> tuple[float, float] | None:
+    """(server CPU ms per request, img/s): the in-memory ceiling once the image server's CPU shares the cores
+    (bench.ceiling.bound_ips). The server's CPU is the median over the rows that fetched."""
+    server = sorted(r["server_cpu_ms_per_image"] for r in results.values() if "server_cpu_ms_per_image" in r)
+    ceiling = results.get("ceiling", {}).get("ips")
+    if not server or not ceiling:
+        return None
+    server_ms = server[len(server) // 2]
+    return server_ms, bound_ips(ceiling, server_ms)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -142,7 +185,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ts, models, classes = prepare_model(WORK)
     from model.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
-    with http_server(DATA_DIR) as base:
+    with http_server(DATA_DIR) as server:
+        base = server.base
         # Image i's k-th fetch: distinct URLs (no cache can answer), the same bytes every time.
         urls = [f"{base}/{files[i].name}?k={k}" for k in range(FETCHES_PER_IMAGE) for i in range(n_images)]
         urls_file = work / "urls.txt"
@@ -154,13 +198,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         results: dict[str, dict[str, Any]] = {}
         for row in rows:
             _say(f"bench.peers: {row} ({len(urls)} images)")
-            results[row] = run_row(row, spec, work, ROW_TIMEOUT_S[args.quick])
+            results[row] = run_row(row, spec, work, ROW_TIMEOUT_S[args.quick], server.pid)
     reference = results.get("imgq run", {}).get("labels")
     for r in results.values():
         if reference and "labels" in r:
             r["agrees_with_imgq_run"] = agreement(r["labels"], reference)
     print(table(results))
-    report = {"quick": args.quick, "urls": len(urls), "distinct_images": n_images, "input_size": INPUT_SIZE,
+    found = bound(results)
+    report = {"quick": args.quick, "bound_ips": None if found is None else round(found[1], 1),
+              "urls": len(urls), "distinct_images": n_images, "input_size": INPUT_SIZE,
               "cores": os.cpu_count(), "platform": platform.platform(), "load_avg": os.getloadavg(),
               "rows": {row: {k: v for k, v in r.items() if k != "labels"} for row, r in results.items()}}
     args.out.write_text(json.dumps(report, indent=2) + "\n")

@@ -109,7 +109,8 @@ def run_row(row: str, spec: dict[str, Any], work: Path, timeout_s: float, server
     busy = sum(machine_after) - sum(machine_before)
     result["machine_idle_pct"] = round(100 * (machine_after.idle - machine_before.idle) / busy, 1) if busy else None
     if "images" in result and row != "ceiling":  # the ceiling fetches nothing: the server's CPU is idle noise
-        result["server_cpu_ms_per_image"] = round(1000 * (_cpu_s(server_pid) - server_before) / result["images"], 3)
+        fetches = result.get("fetches", result["images"])
+        result["server_cpu_ms_per_image"] = round(1000 * (_cpu_s(server_pid) - server_before) / fetches, 3)
     result["load_before"], result["load_after"] = round(load_before, 2), round(os.getloadavg()[0], 2)
     return result
 

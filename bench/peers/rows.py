@@ -3,7 +3,8 @@
     python -m bench.peers.rows ROW SPEC.json OUT.json
 
 SPEC (written by bench.peers.__main__) names the URL file, the TorchScript model, imgq's registry holding it,
-the distinct image files and the row's time bound. OUT gets {"ips", "wall_s", "images", "labels", ...}:
+the distinct image files and the row's time bound. OUT gets {"ips", "wall_s", "images", "labels", ...}
+(and "fetches" where the row fetched more than its images):
 ``ips`` is images per second from the first request to the last label, ``wall_s`` the whole thing as a user
 runs it (imports, start-up, model load and shut-down included).
 """
@@ -189,6 +190,7 @@ def row_imgq_cluster(spec: Spec) -> dict[str, Any]:
     if proc.returncode != 0:
         raise RuntimeError(f"imgq submit --wait exited {proc.returncode}: {proc.stderr.strip()[-500:]}")
     return {"ips": len(urls) / seconds, "wall_s": wall, "images": len(urls), "labels": _labels(out),
+            "fetches": 64 + 2 * len(urls),  # the warm-up job, the measured one and `imgq submit --wait`'s
             "note": "ips: submit to last result on a warm worker; wall: `imgq submit --wait` as a command"}
 
 

@@ -3,7 +3,7 @@
 A batch reads ``current()`` once and keeps that object, so it never mixes versions. A new champion whose
 artifact is refused (truncated, mis-shaped, NaNs, not safetensors) is logged and skipped; the model
 already loaded keeps serving. A new model is warmed up (``warm_up``: its first forward passes allocate and
-pick kernels) before any batch sees it, so the first batch after a reload is as fast as the ones after it.
+pick kernels) before any batch sees it, so the first batch after a reload does not pay for that.
 """
 
 from __future__ import annotations

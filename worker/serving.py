@@ -92,8 +92,7 @@ class Serving:
         """Decode one small JPEG and warm the model up (:meth:`warm_model`) before the first batch arrives:
         so the first batch is as fast as the hundredth and a model that cannot run fails here, at start-up."""
         started = time.monotonic()
-        prepare_image(_WARM_UP_JPEG, self.model, self.settings)
-        self.warm_model(self.model)
+        self.warm_model(self.model)  # decodes its input: that warms the decoder
         log.info("imgq engine: warmed up in %.2f s", time.monotonic() - started)
 
     def warm_model(self, model: Classifier) -> None:

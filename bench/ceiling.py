@@ -29,11 +29,13 @@ from model.classifier import Classifier
 from worker.decode import prepare_image
 
 
-def bound_ips(ceiling_ips: float, server_cpu_ms_per_image: float, cores: int | None = None) -> float:
-    """The ceiling once an image server on the same cores spends ``server_cpu_ms_per_image`` per request:
-    1 / (1/ceiling + server CPU per image / cores). No system that fetches its images from that server here
-    does better, whatever its own costs."""
-    return 1 / (1 / ceiling_ips + server_cpu_ms_per_image / 1000 / (cores or os.cpu_count() or 1))
+def bound_ips(ceiling_cpu_ms_per_image: float, server_cpu_ms_per_image: float, cores: int | None = None) -> float:
+    """Images/s with every core busy all the time, each image costing the ceiling's CPU (decode, preprocess,
+    forward) plus what the image server on the same cores spends on its request: cores / (ceiling + server)
+    CPU seconds per image. No system that decodes and runs the model as the ceiling does and fetches from
+    that server here does better, whatever its fetching costs; it is above the ceiling's own images/s
+    wherever the ceiling leaves a core idle part of the time."""
+    return (cores or os.cpu_count() or 1) * 1000 / (ceiling_cpu_ms_per_image + server_cpu_ms_per_image)
 
 
 @dataclass(frozen=True)

@@ -85,15 +85,16 @@ def test_the_daft_row_labels_every_url_with_telemetry_off(job: Any) -> None:
     assert result["ips"] > 0 and result["daft"]
 
 
-def test_the_bound_is_the_ceiling_with_the_servers_cpu_sharing_the_cores() -> None:
+def test_the_bound_is_every_core_busy_with_the_ceilings_and_the_servers_cpu_per_image() -> None:
     cores = os.cpu_count() or 1
     row = {"wall_s": 1.0, "images": 100, "load_before": 0.0, "load_after": 0.0, "machine_idle_pct": 5.0}
-    results = {"ceiling": {**row, "ips": 400.0}, "daft": {**row, "ips": 300.0, "server_cpu_ms_per_image": 0.9},
+    results = {"ceiling": {**row, "ips": 400.0, "cpu_ms_per_image": 4.5},
+               "daft": {**row, "ips": 300.0, "server_cpu_ms_per_image": 0.9},
                "imgq cluster": {**row, "ips": 320.0, "server_cpu_ms_per_image": 0.8},
                "imgq run": {**row, "ips": 310.0, "server_cpu_ms_per_image": 1.0}}
     server_ms, bound_ips = bound(results) or (0.0, 0.0)
     assert server_ms == 0.9  # the median of the rows that fetched
-    assert bound_ips == pytest.approx(1 / (1 / 400 + 0.0009 / cores))
+    assert bound_ips == pytest.approx(cores * 1000 / (4.5 + 0.9))
     printed = table(results)
     assert f"bound: {bound_ips:.1f} img/s" in printed
     assert f"1.3x daft = 390.0 img/s = {390 / bound_ips:.2f}x the bound" in printed

@@ -18,7 +18,7 @@ from torch import nn
 
 import bench.peers
 from bench.images import write_images
-from bench.peers.__main__ import bound, http_server, table
+from bench.peers.__main__ import bound, http_server, median_run, rounds, table
 from bench.peers.rows import _pixels
 
 CLASSES = ["red", "green", "blue"]
@@ -100,3 +100,16 @@ def test_the_bound_is_every_core_busy_with_the_ceilings_and_the_servers_cpu_per_
     assert f"1.3x daft = 390.0 img/s = {390 / bound_ips:.2f}x the bound" in printed
     assert f"imgq cluster / bound: {320 / bound_ips:.2f}x" in printed
     assert bound({"daft": results["daft"]}) is None  # no ceiling row: no bound
+
+
+def test_rounds_give_each_row_its_median_and_imgqs_ratio_to_daft_round_by_round() -> None:
+    runs = {"daft": [{"ips": 300.0}, {"ips": 250.0}, {"error": "stopped"}],
+            "imgq cluster": [{"ips": 330.0}, {"ips": 325.0}, {"ips": 360.0}],
+            "tutorial": [{"ips": 60.0}]}
+    assert median_run(runs["daft"]) == {"ips": 250.0}  # the lower middle of the rounds that ran
+    assert median_run(runs["imgq cluster"]) == {"ips": 330.0}
+    assert median_run([{"error": "a"}, {"error": "b"}]) == {"error": "b"}
+    printed = rounds(runs)
+    assert "daft: 300.0, 250.0, failed img/s" in printed
+    assert "imgq cluster / daft by round: 1.10x, 1.30x (median 1.10x)" in printed  # the failed round pairs nothing
+    assert "tutorial:" not in printed  # one round: the table has it

@@ -155,6 +155,29 @@ def table(results: dict[str, dict[str, Any]]) -> str:
 
 
 GOAL_OVER_DAFT = 1.3  # issue 14's goal for imgq against Daft
+ONCE = ("tutorial",)  # a minute and a half a round, and no goal rides on it: one round
+
+
+def median_run(row_runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The round with the median images/s (the lower middle one of an even count); a failed round counts as
+    the figure only when every round failed."""
+    good = sorted((r for r in row_runs if "ips" in r), key=lambda r: float(r["ips"]))
+    return good[(len(good) - 1) // 2] if good else row_runs[-1]
+
+
+def rounds(runs: dict[str, list[dict[str, Any]]]) -> str:
+    """Each row's images/s round by round, and imgq's ratio to Daft within each round (side by side, so
+    the machine's drift between rounds cancels)."""
+    lines = [f"{row}: " + ", ".join(f"{r['ips']:.1f}" if "ips" in r else "failed" for r in row_runs) + " img/s"
+             for row, row_runs in runs.items() if len(row_runs) > 1]
+    for imgq_row in ("imgq run", "imgq cluster"):
+        pairs = [(a["ips"], b["ips"]) for a, b in zip(runs.get(imgq_row, []), runs.get("daft", []), strict=False)
+                 if "ips" in a and "ips" in b]
+        if len(pairs) > 1:
+            ratios = sorted(a / b for a, b in pairs)
+            lines.append(f"{imgq_row} / daft by round: " + ", ".join(f"{a / b:.2f}x" for a, b in pairs)
+                         + f" (median {ratios[(len(ratios) - 1) // 2]:.2f}x)")
+    return "\n".join(lines)
 
 
 def bound(results: dict[str, dict[str, Any]]) -> tuple[float, float] | None:
@@ -173,12 +196,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_IMAGES} images, "
                         f"{QUICK_IMAGES * FETCHES_PER_IMAGE} URLs")
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, of: {', '.join(ROWS)}")
+    parser.add_argument("--repeat", type=int, default=3, metavar="N",
+                        help="rounds of the rows (the tutorial runs once); each row's median round is its figure. "
+                             "This VM's speed drifts by tens of percent within minutes: rows measured side by side in "
+                             "one round compare fairly, single rows of one round may not")
     parser.add_argument("--out", type=Path, default=Path("bench/peers.json"))
     args = parser.parse_args(argv)
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     unknown = sorted(set(rows) - set(ROWS))
     if unknown:
         parser.error(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
 
     work = WORK / ("quick" if args.quick else "full")
     work.mkdir(parents=True, exist_ok=True)
@@ -198,20 +227,26 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "input_size": INPUT_SIZE, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
                 "images": [str(f) for f in files], "passes": FETCHES_PER_IMAGE, "work": str(work),
                 "timeout_s": ROW_TIMEOUT_S[args.quick], "max_s": TUTORIAL_MAX_S[args.quick]}
-        results: dict[str, dict[str, Any]] = {}
-        for row in rows:
-            _say(f"bench.peers: {row} ({len(urls)} images)")
-            results[row] = run_row(row, spec, work, ROW_TIMEOUT_S[args.quick], server.pid)
+        runs: dict[str, list[dict[str, Any]]] = {row: [] for row in rows}
+        for round_ in range(args.repeat):
+            for row in rows if round_ % 2 == 0 else rows[::-1]:  # alternate: a drift within a round cancels
+                if row in ONCE and round_:
+                    continue
+                _say(f"bench.peers: {row} ({len(urls)} images; round {round_ + 1} of {args.repeat})")
+                runs[row].append(run_row(row, spec, work, ROW_TIMEOUT_S[args.quick], server.pid))
+        results = {row: median_run(row_runs) for row, row_runs in runs.items()}
     reference = results.get("imgq run", {}).get("labels")
     for r in results.values():
         if reference and "labels" in r:
             r["agrees_with_imgq_run"] = agreement(r["labels"], reference)
     print(table(results))
+    print(rounds(runs))
     found = bound(results)
     report = {"quick": args.quick, "bound_ips": None if found is None else round(found[1], 1),
               "urls": len(urls), "distinct_images": n_images, "input_size": INPUT_SIZE,
               "cores": os.cpu_count(), "platform": platform.platform(), "load_avg": os.getloadavg(),
-              "rows": {row: {k: v for k, v in r.items() if k != "labels"} for row, r in results.items()}}
+              "rows": {row: {k: v for k, v in r.items() if k != "labels"} for row, r in results.items()},
+              "rounds": {row: [r.get("ips") for r in row_runs] for row, row_runs in runs.items()}}
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     _say(f"bench.peers: wrote {args.out}")
     return 0 if all("error" not in r for r in results.values()) else 1

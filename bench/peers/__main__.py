@@ -140,17 +140,17 @@ def table(results: dict[str, dict[str, Any]]) -> str:
                 lines.append(f"{imgq_row} / {other}: {ips[imgq_row] / ips[other]:.2f}x")
     found = bound(results)
     if found is not None:
-        server_ms, bound_ips = found
-        lines.append(f"bound: {bound_ips:.1f} img/s, every one of the {os.cpu_count()} cores busy with the ceiling's "
+        server_ms, limit = found
+        lines.append(f"bound: {limit:.1f} img/s, every one of the {os.cpu_count()} cores busy with the ceiling's "
                      f"{results['ceiling']['cpu_ms_per_image']:.2f} ms and the image server's {server_ms:.2f} ms of "
                      "CPU per image (no system that decodes and runs the model as the ceiling does, fetching from "
                      "this server, does better)")
         if "daft" in ips:
             goal = GOAL_OVER_DAFT * ips["daft"]
-            lines.append(f"{GOAL_OVER_DAFT}x daft = {goal:.1f} img/s = {goal / bound_ips:.2f}x the bound")
+            lines.append(f"{GOAL_OVER_DAFT}x daft = {goal:.1f} img/s = {goal / limit:.2f}x the bound")
         for imgq_row in ("imgq run", "imgq cluster"):
             if imgq_row in ips:
-                lines.append(f"{imgq_row} / bound: {ips[imgq_row] / bound_ips:.2f}x")
+                lines.append(f"{imgq_row} / bound: {ips[imgq_row] / limit:.2f}x")
     return "\n".join(lines)
 
 

@@ -103,9 +103,11 @@ def test_the_bound_is_every_core_busy_with_the_ceilings_and_the_servers_cpu_per_
 
 
 def test_rounds_give_each_row_its_median_and_imgqs_ratio_to_daft_round_by_round() -> None:
-    runs = {"daft": [{"ips": 300.0}, {"ips": 250.0}, {"error": "stopped"}],
-            "imgq cluster": [{"ips": 330.0}, {"ips": 325.0}, {"ips": 360.0}],
-            "tutorial": [{"ips": 60.0}]}
+    runs: dict[str, list[dict[str, Any]]] = {
+        "daft": [{"ips": 300.0}, {"ips": 250.0}, {"error": "stopped"}],
+        "imgq cluster": [{"ips": 330.0}, {"ips": 325.0}, {"ips": 360.0}],
+        "tutorial": [{"ips": 60.0}],
+    }
     assert median_run(runs["daft"]) == {"ips": 250.0}  # the lower middle of the rounds that ran
     assert median_run(runs["imgq cluster"]) == {"ips": 330.0}
     assert median_run([{"error": "a"}, {"error": "b"}]) == {"error": "b"}

@@ -107,6 +107,10 @@ class LocalCluster:
         self.kill_on_stop = kill_on_stop
         self.concurrency = concurrency
         self.redis: RedisServer | None = RedisServer() if redis else None
+        if settings.metrics_addr == Settings.metrics_addr and "IMGQ_METRICS_ADDR" not in os.environ:
+            # These workers are this machine's alone (`imgq run`, the benchmarks): their /metrics stays on
+            # loopback unless an address is asked for. A deployed `imgq worker` listens on all interfaces.
+            settings = settings.replace(metrics_addr="127.0.0.1")
         self.settings = settings if self.redis is None else settings.replace(redis_url=self.redis.url)
         self._tmp = tempfile.TemporaryDirectory(prefix="imgq-run-") if log_dir is None else None
         self.log_dir = Path(self._tmp.name) if self._tmp is not None else log_dir

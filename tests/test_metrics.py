@@ -19,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from cli.lifecycle import trigger_retrain
 from imgq.errors import SettingsError
 from imgq.jobs import JobStore
+from imgq.local import LocalCluster
 from imgq.redis_server import RedisServer, free_port
 from imgq.settings import Settings
 from model.champion import Champion
@@ -198,6 +199,17 @@ def test_retrain_outcomes_are_named_from_the_final_event() -> None:
     assert metrics.count_retrain({"event": "done", "promoted": False}) == "rejected"
     assert metrics.count_retrain({"event": "failed", "reason": "x"}) == "failed"
     assert metrics.count_retrain({"event": "skipped", "reason": "x"}) == "skipped"
+
+
+def test_a_private_clusters_workers_keep_metrics_on_loopback_unless_an_address_is_asked_for(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("IMGQ_METRICS_ADDR", raising=False)
+    default = Settings.from_env({})
+    assert default.metrics_addr == "0.0.0.0"  # a deployed worker: all interfaces
+    assert LocalCluster(default, redis=False).settings.metrics_addr == "127.0.0.1"  # `imgq run`: this host only
+    assert LocalCluster(default.replace(metrics_addr="::1"), redis=False).settings.metrics_addr == "::1"
+    monkeypatch.setenv("IMGQ_METRICS_ADDR", "0.0.0.0")  # asked for in so many words: kept
+    assert LocalCluster(Settings.from_env(), redis=False).settings.metrics_addr == "0.0.0.0"
 
 
 def test_the_metrics_address_is_an_ip_address() -> None:

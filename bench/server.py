@@ -91,12 +91,14 @@ def wait_listening(proc: subprocess.Popen[bytes], port: int, what: str, timeout_
 
 
 @contextmanager
-def serve_images(root: Path) -> Iterator[ImageServer]:
-    """Serve ``root``'s ``*.jpg`` from a child process."""
+def serve_images(root: Path, *, module: str = "bench.server", what: str = "bench image server"
+                 ) -> Iterator[ImageServer]:
+    """Serve ``root``'s ``*.jpg`` from a child process: ``python -m module ROOT PORT`` (this module's
+    keep-alive server, or bench.peers.httpserver)."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "bench.server", str(root), str(port)])
+    proc = subprocess.Popen([sys.executable, "-m", module, str(root), str(port)])
     try:
-        wait_listening(proc, port, "bench image server")
+        wait_listening(proc, port, what)
         yield ImageServer(f"http://127.0.0.1:{port}", proc.pid)
     finally:
         proc.terminate()

@@ -11,7 +11,7 @@ import sys
 import time
 import warnings
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ import psutil
 import bench.peers  # noqa: F401  (telemetry off before anything imports daft)
 from bench.ceiling import bound_ips
 from bench.images import DATA_DIR, write_images
-from bench.server import ImageServer, wait_listening
+from bench.server import ImageServer, serve_images
 from imgq.errors import ImgqError
 from imgq.redis_server import free_port
 
@@ -69,17 +69,14 @@ def prepare_model(work: Path) -> tuple[Path, Path, list[str]]:
 
 @contextmanager
 def http_server(root: Path) -> Iterator[ImageServer]:
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "bench.peers.httpserver", str(root), str(port)])
-    try:
+    """bench.peers.httpserver on ``root``; one line and an exit if it does not start."""
+    with ExitStack() as stack:
         try:
-            wait_listening(proc, port, "bench.peers: the image server")
+            served = stack.enter_context(serve_images(root, module="bench.peers.httpserver",
+                                                      what="bench.peers: the image server"))
         except ImgqError as exc:
             raise SystemExit(str(exc)) from None
-        yield ImageServer(f"http://127.0.0.1:{port}", proc.pid)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+        yield served
 
 
 def _cpu_s(pid: int) -> float:

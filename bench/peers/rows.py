@@ -177,7 +177,8 @@ def row_imgq_cluster(spec: Spec) -> dict[str, Any]:
     with LocalCluster(settings, workers=1) as cluster:
         store = JobStore.from_url(cluster.settings.redis_url, ttl_s=3600)
         try:
-            run_job(cluster, store, urls[:64])  # warm: connections, allocator, kernels
+            warm = urls[:64]
+            run_job(cluster, store, warm)  # warm: connections, allocator, kernels
             seconds = run_job(cluster, store, urls, poll_s=0.05)
             out = Path(spec["work"]) / "imgq-submit.jsonl"
             start = time.perf_counter()
@@ -190,7 +191,7 @@ def row_imgq_cluster(spec: Spec) -> dict[str, Any]:
     if proc.returncode != 0:
         raise RuntimeError(f"imgq submit --wait exited {proc.returncode}: {proc.stderr.strip()[-500:]}")
     return {"ips": len(urls) / seconds, "wall_s": wall, "images": len(urls), "labels": _labels(out),
-            "fetches": 64 + 2 * len(urls),  # the warm-up job, the measured one and `imgq submit --wait`'s
+            "fetches": len(warm) + 2 * len(urls),  # the warm-up job, the measured one and `imgq submit --wait`'s
             "note": "ips: submit to last result on a warm worker; wall: `imgq submit --wait` as a command"}
 
 

@@ -27,6 +27,7 @@ from typing import Any, NoReturn
 
 import redis
 from celery import Celery, signals
+from celery.exceptions import CPendingDeprecationWarning
 
 from imgq.celery_app import CLASSIFY_TASK, RETRAIN_TASK, create_app
 from imgq.celery_app import app_settings as _app_settings
@@ -124,6 +125,15 @@ def _build_engine(sender: Any = None, **_: Any) -> None:
 
 # What _build_engine loaded (model version, device), for the log once Celery has set logging up.
 _serving: list[str] = []
+
+
+@signals.worker_ready.connect
+def _quiet_the_cancel_warning(**_: Any) -> None:
+    # Celery warns on every connection loss that worker_cancel_long_running_tasks_on_connection_loss will default
+    # to True in 6.0; imgq sets it to False on purpose (imgq.celery_app says why). Added once Celery's logging
+    # set-up has put its own 'always' filter for the category in front.
+    warnings.filterwarnings("ignore", message=r"\s*In Celery 5\.1 we introduced an optional breaking change",
+                            category=CPendingDeprecationWarning)
 
 
 @signals.worker_ready.connect

@@ -26,10 +26,19 @@ import redis
 from aiohttp import web
 
 from imgq import keys
+from imgq.celery_app import create_app
 from imgq.redis_server import RedisServer, free_port
 from producer.submit import submit_urls
 from tests.httpserver import HTTPTestServer
-from tests.support import TEST_ENV, Cluster, ImageSite, every_index_once, one_image_site, wait_until
+from tests.support import (
+    TEST_ENV,
+    Cluster,
+    ImageSite,
+    every_index_once,
+    one_image_site,
+    settings_for,
+    wait_until,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -281,6 +290,38 @@ def test_redis_killed_and_restarted_mid_job_workers_and_producer_reconnect(
     finally:
         cluster.stop()  # workers first, while their Redis is up: a clean warm shutdown
         second_redis.stop()
+
+
+def test_a_send_rides_out_a_redis_restart(tmp_path: Path) -> None:
+    # A producer's or the sweep's send while Redis restarts: Celery's publish retry reconnects and sends once
+    # Redis is back (its default policy gave up after ~0.6 s; redis-py's own retry is off for the broker).
+    data_dir, port = tmp_path / "redis-data", free_port()
+    data_dir.mkdir()
+    first = _persistent_redis(data_dir, port).start()
+    app = create_app(settings_for(first.url, tmp_path / "models"))  # sends need no model
+    queue = "imgq.restart-probe"
+    try:
+        app.send_task("imgq.probe", args=[1], queue=queue)  # a connection in the pool, as a running producer has
+        assert first.proc is not None
+        first.proc.kill()
+        first.proc.wait()
+        restarted = threading.Event()
+        servers: list[RedisServer] = []
+
+        def restart() -> None:
+            time.sleep(1.5)
+            servers.append(_persistent_redis(data_dir, port).start())
+            restarted.set()
+
+        threading.Thread(target=restart, daemon=True).start()
+        app.send_task("imgq.probe", args=[2], queue=queue)
+        assert restarted.is_set()  # it returned only once Redis was back
+        assert redis.Redis(port=port).llen(queue) == 2
+    finally:
+        app.close()
+        restarted.wait(30)
+        for server in servers:
+            server.stop()
 
 
 def test_every_client_connection_dropped_mid_job_the_job_completes(

@@ -37,7 +37,7 @@ def redis_server() -> Iterator[RedisServer]:
 
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The default CNN, trained once per session on the demo set (about 20 s)."""
+    """The default CNN, trained once per session (per pytest-xdist process) on the demo set (about 20 s)."""
     out = tmp_path_factory.mktemp("models")
     # Local iteration only: IMGQ_TEST_MODEL_CACHE=/some/dir reuses one trained model across runs. CI trains.
     cache = os.environ.get("IMGQ_TEST_MODEL_CACHE")

@@ -314,9 +314,9 @@ def test_a_send_rides_out_a_redis_restart(tmp_path: Path) -> None:
             restarted.set()
 
         threading.Thread(target=restart, daemon=True).start()
-        app.send_task("imgq.probe", args=[2], queue=queue)
-        assert restarted.is_set()  # it returned only once Redis was back
-        assert redis.Redis(port=port).llen(queue) == 2
+        app.send_task("imgq.probe", args=[2], queue=queue)  # called with Redis down: raises if it gives up
+        assert restarted.wait(30)
+        assert redis.Redis(port=port).llen(queue) == 2  # the second one too, sent to the restarted Redis
     finally:
         app.close()
         restarted.wait(30)

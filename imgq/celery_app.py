@@ -68,10 +68,10 @@ def create_app(settings: Settings) -> Celery:
         broker_transport_options=transport,
         result_backend_transport_options=transport,
         broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,
         # A send rides out a Redis restart of ~10 s (Celery's default gives up after ~0.6 s): waits of 0, 0.5,
         # 1, 1.5 and then 2 s, reconnecting each time.
         task_publish_retry_policy={"max_retries": 8, "interval_start": 0, "interval_step": 0.5, "interval_max": 2},
-        broker_connection_max_retries=None,
         task_default_queue=settings.classify_queue,
         task_routes={CLASSIFY_TASK: {"queue": settings.classify_queue},
                      RETRAIN_TASK: {"queue": settings.train_queue}},

@@ -300,26 +300,28 @@ def test_a_send_rides_out_a_redis_restart(tmp_path: Path) -> None:
     first = _persistent_redis(data_dir, port).start()
     app = create_app(settings_for(first.url, tmp_path / "models"))  # sends need no model
     queue = "imgq.restart-probe"
+    restarted = threading.Event()
+    servers = [first]
+
+    def restart() -> None:
+        time.sleep(1.5)
+        servers.append(_persistent_redis(data_dir, port).start())
+        restarted.set()
+
     try:
         app.send_task("imgq.probe", args=[1], queue=queue)  # a connection in the pool, as a running producer has
         assert first.proc is not None
         first.proc.kill()
         first.proc.wait()
-        restarted = threading.Event()
-        servers: list[RedisServer] = []
-
-        def restart() -> None:
-            time.sleep(1.5)
-            servers.append(_persistent_redis(data_dir, port).start())
-            restarted.set()
-
         threading.Thread(target=restart, daemon=True).start()
         app.send_task("imgq.probe", args=[2], queue=queue)  # called with Redis down: raises if it gives up
         assert restarted.wait(30)
-        assert redis.Redis(port=port).llen(queue) == 2  # the second one too, sent to the restarted Redis
+        with redis.Redis(port=port) as admin:
+            assert admin.llen(queue) == 2  # the second one too, sent to the restarted Redis
     finally:
         app.close()
-        restarted.wait(30)
+        if first.proc is not None and first.proc.poll() is not None:  # killed: wait for its successor to stop it
+            restarted.wait(30)
         for server in servers:
             server.stop()
 
